@@ -1,0 +1,501 @@
+"""Shared fixtures: real upstream servers on ephemeral 127.0.0.1 ports, a balancer started in-process,
+and raw-socket clients for byte-level assertions.
+
+Every socket made here has a timeout, and every server is stopped at the end of the test that
+started it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import load_balancer as lb  # noqa: E402
+
+SOCKET_TIMEOUT = 10.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Byte-level helpers
+# ---------------------------------------------------------------------------------------------------
+
+def read_head(sock_file) -> bytes:
+    """Read one message head (through the blank line) from a buffered socket file."""
+    lines = []
+    while True:
+        line = sock_file.readline(65537)
+        if not line:
+            raise EOFError(b"".join(lines))
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            return b"".join(lines)
+
+
+def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """Split a head into its first line and (name, value) pairs, names as sent."""
+    lines = head.decode("latin-1").split("\r\n")
+    fields = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            fields.append((name, value.strip()))
+    return lines[0], fields
+
+
+def header(fields: list[tuple[str, str]], name: str) -> str | None:
+    values = [v for n, v in fields if n.lower() == name.lower()]
+    return ", ".join(values) if values else None
+
+
+def read_chunked(sock_file) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = sock_file.readline(1026)
+        size = int(size_line.split(b";")[0].strip(), 16)
+        if size == 0:
+            while sock_file.readline(65537) not in (b"\r\n", b""):
+                pass
+            return bytes(body)
+        body += sock_file.read(size)
+        assert sock_file.read(2) == b"\r\n"
+
+
+def read_body(sock_file, fields, status: int = 200, method: str = "GET") -> bytes:
+    """Read a message body framed per RFC 9112 section 6.3 (request or response)."""
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return b""
+    te = header(fields, "Transfer-Encoding")
+    if te is not None:
+        assert te.lower() == "chunked", te
+        return read_chunked(sock_file)
+    length = header(fields, "Content-Length")
+    if length is not None:
+        return sock_file.read(int(length))
+    if status == 0:  # a request without framing has no body
+        return b""
+    return sock_file.read()
+
+
+class Response:
+    def __init__(self, status_line: str, fields, body: bytes):
+        self.status_line = status_line
+        self.status = int(status_line.split(" ")[1])
+        self.fields = fields
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        return header(self.fields, name)
+
+    def headers_named(self, name: str) -> list[str]:
+        return [v for n, v in self.fields if n.lower() == name.lower()]
+
+    def __repr__(self):
+        return f"<Response {self.status_line!r} {self.fields!r} {self.body[:80]!r}>"
+
+
+class RawClient:
+    """One client connection speaking raw bytes, reading responses with framing checks."""
+
+    def __init__(self, port: int, timeout: float = SOCKET_TIMEOUT):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self, method: str = "GET") -> Response:
+        head = read_head(self.file)
+        while True:  # skip interim responses
+            status_line, fields = parse_head(head)
+            if not status_line.split(" ")[1].startswith("1"):
+                break
+            head = read_head(self.file)
+        status = int(status_line.split(" ")[1])
+        return Response(status_line, fields, read_body(self.file, fields, status, method))
+
+    def request(self, data: bytes, method: str = "GET") -> Response:
+        self.send(data)
+        return self.response(method)
+
+    def read_until_close(self) -> bytes:
+        """Everything left until the peer closes; raises socket.timeout if it never does."""
+        chunks = []
+        while True:
+            data = self.file.read1(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+    def is_closed(self, timeout: float = 5.0) -> bool:
+        """True once the peer has closed (EOF or reset) within timeout, False if it stays open."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.file.read1(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+        finally:
+            self.sock.settimeout(SOCKET_TIMEOUT)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def get(port: int, path: str = "/", headers: dict | None = None, method: str = "GET",
+        body: bytes | None = None) -> Response:
+    """One request on a fresh connection with Connection: close."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: test.local", "Connection: close"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    with RawClient(port) as client:
+        return client.request(data, method)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upstreams
+# ---------------------------------------------------------------------------------------------------
+
+class RecordedRequest:
+    def __init__(self, method, target, version, fields, body):
+        self.method, self.target, self.version = method, target, version
+        self.fields, self.body = fields, body
+
+    def header(self, name):
+        return header(self.fields, name)
+
+    def __repr__(self):
+        return f"<RecordedRequest {self.method} {self.target} {self.fields!r} {len(self.body)}B>"
+
+
+Handler = Callable[["UpstreamHandler", RecordedRequest], None]
+
+
+def default_handler(h: "UpstreamHandler", req: RecordedRequest) -> None:
+    """200 text/plain naming the upstream, method and target; HEAD gets the same head, no body."""
+    body = f"upstream {h.server.server_port} {req.method} {req.target}\n".encode()
+    h.send_response(200)
+    h.send_header("Content-Type", "text/plain")
+    h.send_header("Content-Length", str(len(body)))
+    h.send_header("X-Upstream-Port", str(h.server.server_port))
+    h.end_headers()
+    if req.method != "HEAD":
+        h.wfile.write(body)
+
+
+class UpstreamHandler(BaseHTTPRequestHandler):
+    """Records each request (head as sent, body decoded) and lets the test's function answer."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    timeout = SOCKET_TIMEOUT
+
+    def handle_one_request(self):
+        try:
+            head = read_head(self.rfile)
+        except (EOFError, OSError):
+            self.close_connection = True
+            return
+        request_line, fields = parse_head(head)
+        self.raw_requestline = request_line.encode("latin-1")
+        self.requestline = request_line
+        self.command, self.path, self.request_version = request_line.split(" ", 2)
+        self.close_connection = (header(fields, "Connection") or "").lower() == "close"
+        body = read_body(self.rfile, fields, status=0, method=self.command)
+        req = RecordedRequest(self.command, self.path, self.request_version, fields, body)
+        self.server.upstream.record(req)
+        self.server.upstream.handler(self, req)
+        self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+class Upstream:
+    """A real HTTP/1.1 server on 127.0.0.1 (ephemeral port) served from a thread."""
+
+    def __init__(self, handler: Handler = default_handler, port: int = 0):
+        self.handler = handler
+        self.requests: list[RecordedRequest] = []
+        self._cond = threading.Condition()
+        self.server = None
+        self.port = port
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), UpstreamHandler)
+        server.daemon_threads = True
+        server.upstream = self
+        self.server, self.port = server, server.server_port
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop listening (connections to the port are then refused)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def record(self, req: RecordedRequest) -> None:
+        with self._cond:
+            self.requests.append(req)
+            self._cond.notify_all()
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.requests) >= n, timeout)
+
+
+class RawUpstream:
+    """A TCP server whose connections are handed to `serve(conn, upstream)`; every byte it receives
+    is recorded in `received` (all connections, in order) so tests can assert what reached it."""
+
+    def __init__(self, serve: Callable[[socket.socket, "RawUpstream"], None]):
+        self.serve = serve
+        self.received = bytearray()
+        self.connections = 0
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def recv(self, conn: socket.socket, n: int = 65536) -> bytes:
+        data = conn.recv(n)
+        with self._lock:
+            self.received += data
+        return data
+
+    def read_request(self, conn: socket.socket) -> bytes:
+        """Receive until a complete head (and its Content-Length body, if any) has arrived."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = self.recv(conn)
+            if not more:
+                return data
+            data += more
+        head, _, rest = data.partition(b"\r\n\r\n")
+        _, fields = parse_head(head + b"\r\n")
+        need = int(header(fields, "Content-Length") or 0) - len(rest)
+        while need > 0:
+            more = self.recv(conn)
+            if not more:
+                break
+            need -= len(more)
+            data += more
+        return data
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(SOCKET_TIMEOUT)
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.serve(conn, self)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.listener.close()
+
+
+def refused_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens (connect is refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def upstreams():
+    """Factory: upstreams(n, handler=default_handler) -> list[Upstream], stopped after the test."""
+    made: list = []
+
+    def make(n: int = 1, handler: Handler = default_handler) -> list[Upstream]:
+        new = [Upstream(handler) for _ in range(n)]
+        made.extend(new)
+        return new
+
+    yield make
+    for u in made:
+        u.stop()
+
+
+@pytest.fixture
+def raw_upstream():
+    """Factory: raw_upstream(serve) -> RawUpstream, stopped after the test."""
+    made: list = []
+
+    def make(serve) -> RawUpstream:
+        u = RawUpstream(serve)
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        u.stop()
+
+
+@pytest.fixture
+def balancer():
+    """Factory: balancer(urls, **config) -> started lb.LoadBalancer on 127.0.0.1, closed after the
+    test. Active health checks are off unless the test sets health_interval."""
+    made: list = []
+
+    def make(urls, **options) -> "lb.LoadBalancer":
+        options.setdefault("health_interval", 0)
+        options.setdefault("drain_timeout", 2)
+        config = lb.Config(host="127.0.0.1", port=0, backends=tuple(urls), **options)
+        b = lb.LoadBalancer(config)
+        b.start()
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+class CliProcess:
+    """`python load_balancer.py ARGS` as a child process; learns its port from the start-up line."""
+
+    def __init__(self, args: list[str], cwd: Path = ROOT):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "load_balancer.py"), *args],
+                                     cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.port = None
+        self.admin_port = None
+        self._lines_cond = threading.Condition()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            with self._lines_cond:
+                self.lines.append(line.rstrip("\n"))
+                self._lines_cond.notify_all()
+        with self._lines_cond:
+            self.lines.append(None)  # EOF marker
+            self._lines_cond.notify_all()
+
+    def wait_for_line(self, needle: str, timeout: float = 10.0) -> str | None:
+        with self._lines_cond:
+            found = []
+
+            def seen():
+                for line in self.lines:
+                    if line is None:
+                        return True
+                    if needle in line:
+                        found.append(line)
+                        return True
+                return False
+
+            self._lines_cond.wait_for(seen, timeout)
+            return found[0] if found else None
+
+    def wait_ready(self, timeout: float = 10.0) -> "CliProcess":
+        line = self.wait_for_line("listening on http://", timeout)
+        assert line, f"no start-up line; stderr so far: {self.lines}"
+        self.port = int(line.split("listening on http://", 1)[1].split()[0].rstrip(",").rsplit(":", 1)[1].rstrip("/"))
+        if any(a == "--admin-port" for a in self.proc.args):
+            admin = self.wait_for_line("admin on http://", timeout)
+            assert admin, f"no admin line; stderr so far: {self.lines}"
+            self.admin_port = int(admin.split("admin on http://", 1)[1].split("/")[0].rsplit(":", 1)[1])
+        return self
+
+    def stderr_text(self) -> str:
+        with self._lines_cond:
+            return "\n".join(line for line in self.lines if line is not None)
+
+    def stop(self, sig: int = 15, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(5)
+            raise
+
+
+@pytest.fixture
+def cli():
+    """Factory: cli(args) -> CliProcess (not yet waited for); killed after the test if still running."""
+    made: list = []
+
+    def make(args: list[str]) -> CliProcess:
+        p = CliProcess(args)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        if p.proc.poll() is None:
+            try:
+                os.killpg(p.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            p.proc.wait(5)
+        for stream in (p.proc.stdout, p.proc.stderr):
+            if stream:
+                stream.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll a condition that has no event to wait on (e.g. another process's state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,367 @@
+"""examples/demo.py (`make demo`): starts three upstreams and the balancer, stops them all on Ctrl-C.
+
+Each test runs the demo on free ports (DEMO_* environment variables) in a new session, as a
+terminal would run it in its own process group, and checks that no process of that session
+outlives it. Tests that need a working load_balancer.py FAIL (not skip) while it is missing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "demo.py"
+BALANCER = Path(os.environ.get("DEMO_BALANCER") or ROOT / "load_balancer.py")
+TIMEOUT = 10.0          # every socket
+READY_TIMEOUT = 30.0    # until the demo prints its hints
+EXIT_TIMEOUT = 30.0     # until the demo exits after Ctrl-C (it allows its children 15 s)
+GONE_TIMEOUT = 5.0      # until every process of the demo's session is gone after it exited
+HEALTH_TIMEOUT = 15.0   # health interval 1 s, fall 3, rise 2 (defaults)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+def require_balancer() -> None:
+    if not BALANCER.is_file():
+        pytest.fail(f"{BALANCER} is missing: the demo cannot run without the load balancer")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports on 127.0.0.1 that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll a condition that has no event to wait on (another process's state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, session) of a process, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("latin-1")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data.rpartition(")")[2].split()
+    return fields[0], int(fields[2]), int(fields[3])
+
+
+def alive(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes (not zombies) in session sid: everything the demo run started, however deep,
+    unless it made a session of its own."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat[2] == sid and stat[0] not in ("Z", "X"):
+                members.append(int(entry))
+    return members
+
+
+class Demo:
+    """The demo (or `make demo`) as the leader of a new session; output collected line by line."""
+
+    def __init__(self, argv: list[str], extra_env: dict | None = None, ports=None):
+        self.lb_port, self.admin_port, *self.upstream_ports = ports or free_ports(5)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+        env.update({
+            "DEMO_LB_PORT": str(self.lb_port),
+            "DEMO_ADMIN_PORT": str(self.admin_port),
+            "DEMO_UPSTREAM_PORTS": ",".join(map(str, self.upstream_ports)),
+            "DEMO_BALANCER": str(BALANCER),
+            "PYTHON": sys.executable,  # for `make demo`
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.sid = self.proc.pid
+        self.lines: list[str] = []
+        self.eof = False
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.eof = True
+            self._cond.notify_all()
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_ready(self) -> "Demo":
+        """Wait for the hints (the demo prints them once every port accepts connections)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.eof or any("Press Ctrl-C" in l for l in self.lines),
+                                READY_TIMEOUT)
+        out = self.output()
+        assert "Press Ctrl-C" in out, f"demo not ready (exit code {self.proc.poll()}):\n{out}"
+        return self
+
+    def child_pids(self) -> list[int]:
+        for line in self.output().splitlines():
+            if line.startswith("pids: "):
+                return [int(p) for p in line.split()[1:]]
+        raise AssertionError(f"no 'pids:' line in\n{self.output()}")
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the foreground process group, as a terminal's Ctrl-C sends it."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(GONE_TIMEOUT)  # EOF once no process holds the pipe any more
+        return rc
+
+    def assert_nothing_left(self, pids=()) -> None:
+        assert wait_until(lambda: not session_members(self.sid)
+                          and not any(alive(p) for p in pids), GONE_TIMEOUT), (
+            f"left running: session {session_members(self.sid)}, "
+            f"children {[p for p in pids if alive(p)]}")
+
+    def cleanup(self) -> None:
+        """Safety net: SIGKILL whatever of this run is still there (by PID / its own group)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(TIMEOUT)
+        for pid in session_members(self.sid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reader.join(TIMEOUT)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def demo():
+    """Factory: demo(argv=None, extra_env=None, ports=None) -> Demo; cleaned up after the test."""
+    made: list[Demo] = []
+
+    def start(argv=None, extra_env=None, ports=None) -> Demo:
+        d = Demo(argv or [sys.executable, str(DEMO)], extra_env, ports)
+        made.append(d)
+        return d
+
+    yield start
+    for d in made:
+        d.cleanup()
+
+
+def get(port: int, path: str = "/", method: str = "GET") -> tuple[int, str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path, headers={"Connection": "close"})
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type") or "", r.read().decode()
+    finally:
+        conn.close()
+
+
+def answering_port(port: int) -> int:
+    status, _, body = get(port)
+    assert status == 200 and body.startswith("Hello from upstream on port "), (status, body)
+    return int(body.split()[-1])
+
+
+def backend_states(admin_port: int) -> dict[str, str]:
+    status, ctype, body = get(admin_port, "/status")
+    assert status == 200, (status, body)
+    assert ctype.split(";")[0].strip() == "application/json", ctype
+    return {b["url"]: b["state"] for b in json.loads(body)["backends"]}
+
+
+def assert_hints(d: Demo) -> None:
+    out = d.output()
+    second = d.upstream_ports[1]
+    for hint in (f"curl http://localhost:{d.lb_port}/",
+                 f"curl http://127.0.0.1:{d.admin_port}/status",
+                 f"curl -X POST http://localhost:{second}/health/fail",
+                 f"curl -X POST http://localhost:{second}/health/recover"):
+        assert hint in out, f"missing hint {hint!r} in\n{out}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM: exit 0, no traceback, nothing left running
+# ---------------------------------------------------------------------------------------------------
+
+def test_demo_ctrl_c_stops_everything(demo):
+    require_balancer()
+    d = demo().wait_ready()
+    assert_hints(d)
+    pids = d.child_pids()
+    assert len(pids) == 4 and all(alive(p) for p in pids), pids
+    assert answering_port(d.lb_port) in d.upstream_ports
+    d.ctrl_c()
+    rc = d.wait_exit()
+    out = d.output()
+    assert rc == 0, out
+    assert "Traceback" not in out, out
+    assert "demo: stopped" in out, out
+    d.assert_nothing_left(pids)
+
+
+def test_make_demo_ctrl_c_stops_everything(demo):
+    require_balancer()
+    d = demo(["make", "--no-print-directory", "demo"]).wait_ready()
+    assert_hints(d)
+    pids = d.child_pids()
+    assert answering_port(d.lb_port) in d.upstream_ports
+    d.ctrl_c()
+    rc = d.wait_exit()
+    out = d.output()
+    # GNU make, itself interrupted, re-raises SIGINT once its recipe ended (a shell shows 130);
+    # had the demo exited non-zero, make would print "make: *** [...] Error N".
+    assert rc in (0, -signal.SIGINT), (rc, out)
+    assert "make: ***" not in out, out
+    assert "Traceback" not in out, out
+    assert "demo: stopped" in out, out
+    d.assert_nothing_left(pids)
+
+
+def test_demo_sigterm_stops_everything(demo):
+    require_balancer()
+    d = demo().wait_ready()
+    pids = d.child_pids()
+    os.kill(d.proc.pid, signal.SIGTERM)  # the demo only, not its group
+    rc = d.wait_exit()
+    assert rc == 0, d.output()
+    assert "Traceback" not in d.output()
+    d.assert_nothing_left(pids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the hints promise
+# ---------------------------------------------------------------------------------------------------
+
+def test_demo_round_robin_and_status(demo):
+    require_balancer()
+    d = demo().wait_ready()
+    ups = d.upstream_ports
+    answers = [answering_port(d.lb_port) for _ in range(6)]
+    assert sorted(answers[:3]) == sorted(ups), answers
+    start = ups.index(answers[0])
+    assert answers == [ups[(start + i) % 3] for i in range(6)], (answers, ups)
+
+    states = backend_states(d.admin_port)
+    assert states == {f"http://127.0.0.1:{p}": "up" for p in ups}, states
+    d.ctrl_c()
+    assert d.wait_exit() == 0, d.output()
+
+
+def test_demo_health_fail_and_recover(demo):
+    require_balancer()
+    d = demo().wait_ready()
+    second = d.upstream_ports[1]
+    url = f"http://127.0.0.1:{second}"
+    status, _, body = get(second, "/health/fail", method="POST")
+    assert status == 200, body
+    assert wait_until(lambda: backend_states(d.admin_port)[url] == "down", HEALTH_TIMEOUT, 0.2), \
+        backend_states(d.admin_port)
+    answers = {answering_port(d.lb_port) for _ in range(6)}
+    assert answers == set(d.upstream_ports) - {second}, answers
+
+    status, _, body = get(second, "/health/recover", method="POST")
+    assert status == 200, body
+    assert wait_until(lambda: backend_states(d.admin_port)[url] == "up", HEALTH_TIMEOUT, 0.2), \
+        backend_states(d.admin_port)
+    d.ctrl_c()
+    assert d.wait_exit() == 0, d.output()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failures: exit 1 with one clear line, nothing left running (no load balancer needed)
+# ---------------------------------------------------------------------------------------------------
+
+def error_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("demo: error:")]
+
+
+def test_demo_busy_port_exits_1(demo):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        ports = free_ports(4)
+        ports.insert(3, busy.getsockname()[1])  # the second upstream port
+        d = demo(ports=ports)
+        rc = d.wait_exit()
+    out = d.output()
+    assert rc == 1, out
+    assert "Traceback" not in out, out
+    errors = error_lines(out)
+    assert len(errors) == 1 and str(ports[3]) in errors[0] and "in use" in errors[0], out
+    d.assert_nothing_left()
+
+
+def test_demo_flags_override_environment(demo):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        busy_port = busy.getsockname()[1]
+        lb_env, *rest = free_ports(5)  # the environment's choice is free; the flag's is busy
+        d = demo([sys.executable, str(DEMO), "--lb-port", str(busy_port)],
+                 ports=[lb_env, *rest])
+        rc = d.wait_exit()
+    assert rc == 1, d.output()
+    errors = error_lines(d.output())
+    assert len(errors) == 1 and str(busy_port) in errors[0], d.output()
+
+
+def test_demo_child_dying_early_stops_the_others(demo, tmp_path):
+    broken = tmp_path / "broken_balancer.py"
+    broken.write_text("import sys\nsys.exit(3)\n")
+    d = demo(extra_env={"DEMO_BALANCER": str(broken)})
+    rc = d.wait_exit()
+    out = d.output()
+    assert rc == 1, out
+    assert "Traceback" not in out, out
+    errors = error_lines(out)
+    assert len(errors) == 1 and "load balancer" in errors[0] and "exit code 3" in errors[0], out
+    d.assert_nothing_left()
+
+
+def test_demo_bad_port_in_environment_exits_2(demo):
+    d = demo(extra_env={"DEMO_LB_PORT": "not-a-port"})
+    rc = d.wait_exit()
+    assert rc == 2, d.output()
+    assert "DEMO_LB_PORT" in d.output() and "Traceback" not in d.output()

@@ -1,0 +1,273 @@
+"""--workers N|auto: several worker processes behind one listening address.
+
+Worker processes are found as the live children of the CLI process (/proc/<pid>/task/*/children,
+or the ppid field of /proc/*/stat where the kernel has no children file). Processes are only ever
+signalled by PID; conftest's `cli` fixture kills the process group at teardown.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import threading
+
+from conftest import SOCKET_TIMEOUT, RawClient, default_handler, get, wait_until
+
+
+# ---------------------------------------------------------------------------------------------------
+# /proc helpers
+# ---------------------------------------------------------------------------------------------------
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process, None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def children(pid: int) -> set[int]:
+    files = glob.glob(f"/proc/{pid}/task/*/children")
+    kids: set[int] = set()
+    if files:
+        for name in files:
+            try:
+                with open(name) as f:
+                    kids.update(int(x) for x in f.read().split())
+            except OSError:
+                pass
+    else:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                st = _stat(int(entry))
+                if st is not None and st[1] == pid:
+                    kids.add(int(entry))
+    return kids
+
+
+def workers(pid: int) -> set[int]:
+    """Live children that are workers (not multiprocessing helper processes)."""
+    return {k for k in children(pid) if alive(k)
+            and "resource_tracker" not in _cmdline(k) and "forkserver" not in _cmdline(k)}
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(cols[9])
+    return inodes
+
+
+def listening(pid: int, port: int) -> bool:
+    """True if process `pid` holds a socket listening on `port`."""
+    inodes = _listening_inodes(port)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def all_workers_listening(p, n: int) -> bool:
+    kids = workers(p.proc.pid)
+    return len(kids) == n and all(listening(k, p.port) for k in kids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_of(resp) -> int:
+    value = resp.header("X-Upstream-Port")
+    assert value is not None, resp
+    return int(value)
+
+
+def start(cli, ups, *extra):
+    """Start the CLI and wait for its start-up line. Whether the port already accepts at that
+    moment is the subject of test_workers_accept_as_soon_as_startup_line_is_logged; the other
+    tests also wait for the port so that they test only their own subject."""
+    args = ["--host", "127.0.0.1", "--port", str(free_port()), "--health-interval", "0",
+            "--drain-timeout", "3", *extra]
+    for u in ups:
+        args += ["--backend", u.url]
+    p = cli(args).wait_ready()
+    assert wait_until(lambda: not _refuses(p.port), timeout=5), p.stderr_text()
+    return p
+
+
+def must_get(p, path: str):
+    """GET through the CLI process; on failure say what the process logged."""
+    try:
+        r = get(p.port, path)
+    except OSError as error:
+        raise AssertionError(f"GET {path}: {error!r}; balancer stderr:\n{p.stderr_text()}") from None
+    assert r.status == 200, (r, p.stderr_text())
+    return r
+
+
+def stop_and_check_all_gone(p, kids: set[int]) -> None:
+    assert p.stop(signal.SIGTERM) == 0, p.stderr_text()
+    assert wait_until(lambda: not any(alive(k) for k in kids), timeout=5), \
+        [k for k in kids if alive(k)]
+    assert p.wait_for_line("Traceback", timeout=5) is None, p.stderr_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------
+
+def test_workers_accept_as_soon_as_startup_line_is_logged(cli, upstreams):
+    """The start-up line says `listening on`: a client that connects right after it must not be
+    refused (conftest's wait_ready and any supervisor rely on that line as the ready signal)."""
+    up, = upstreams(1)
+    p = cli(["--host", "127.0.0.1", "--port", "0", "--health-interval", "0", "--workers", "2",
+             "--backend", up.url]).wait_ready()
+    assert not _refuses(p.port), "connection refused right after the start-up line"
+    assert get(p.port).status == 200
+
+
+def test_two_workers_serve_and_sigterm_exits_0_with_workers_gone(cli, upstreams):
+    ups = upstreams(3)
+    p = start(cli, ups, "--workers", "2")
+    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+    responses = [must_get(p, f"/w{i}") for i in range(12)]
+    assert all(r.status == 200 for r in responses), responses
+    assert sum(len(u.requests) for u in ups) == 12
+    kids = workers(p.proc.pid)
+    assert len(kids) == 2
+    stop_and_check_all_gone(p, kids)
+
+
+def test_killed_worker_is_restarted_and_requests_keep_succeeding(cli, upstreams):
+    ups = upstreams(3)
+    p = start(cli, ups, "--workers", "2")
+    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+    before = workers(p.proc.pid)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: not alive(victim), timeout=5)
+    # the surviving worker (or the replacement) serves everything in the meantime
+    for i in range(10):
+        must_get(p, f"/during{i}")
+    assert wait_until(lambda: all_workers_listening(p, 2) and workers(p.proc.pid) != before,
+                      timeout=5), workers(p.proc.pid)
+    after = workers(p.proc.pid)
+    assert victim not in after and (after - before), (before, after)
+    for i in range(10):
+        must_get(p, f"/after{i}")
+    assert p.proc.poll() is None
+    stop_and_check_all_gone(p, before | after)
+
+
+def test_rotation_per_worker_is_strict(cli, upstreams):
+    ups = upstreams(3)
+    p = start(cli, ups, "--workers", "2")
+    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+    # one keep-alive connection is served by one worker: strictly cyclic
+    with RawClient(p.port) as client:
+        seq = [port_of(client.request(b"GET /ka%d HTTP/1.1\r\nHost: t\r\n\r\n" % i))
+               for i in range(12)]
+    assert len(set(seq[:3])) == 3, seq
+    assert all(seq[i] == seq[i % 3] for i in range(12)), seq
+    # separate connections spread over the 2 workers: each worker is strictly cyclic, so each
+    # upstream's count is within 2 * (2/3) of its share, i.e. off by at most 1
+    k = 20
+    counts = {u.port: 0 for u in ups}
+    for i in range(3 * k):
+        r = must_get(p, f"/sep{i}")
+        counts[port_of(r)] += 1
+    assert all(abs(c - k) <= 1 for c in counts.values()), counts
+    stop_and_check_all_gone(p, workers(p.proc.pid))
+
+
+def test_workers_auto_with_port_0(cli, upstreams):
+    ups = upstreams(2)
+    args = ["--host", "127.0.0.1", "--port", "0", "--workers", "auto", "--health-interval", "0",
+            "--drain-timeout", "3"]
+    for u in ups:
+        args += ["--backend", u.url]
+    p = cli(args).wait_ready()
+    assert wait_until(lambda: not _refuses(p.port), timeout=5), p.stderr_text()
+    expected = {len(os.sched_getaffinity(0)), os.cpu_count()}
+    assert wait_until(lambda: len(workers(p.proc.pid)) in expected
+                      and all_workers_listening(p, len(workers(p.proc.pid))), timeout=5), \
+        (workers(p.proc.pid), expected)
+    for i in range(10):
+        must_get(p, f"/auto{i}")
+    assert sum(len(u.requests) for u in ups) == 10
+    stop_and_check_all_gone(p, workers(p.proc.pid))
+
+
+def test_workers_sigterm_drains_in_flight_request(cli, upstreams):
+    arrived, release = threading.Event(), threading.Event()
+
+    def slow(h, req):
+        if req.target == "/slow":
+            arrived.set()
+            release.wait(SOCKET_TIMEOUT)
+        default_handler(h, req)
+
+    up, = upstreams(1, slow)
+    try:
+        p = start(cli, [up], "--workers", "2")
+        assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+        kids = workers(p.proc.pid)
+        with RawClient(p.port) as busy:
+            busy.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert arrived.wait(5)
+            os.kill(p.proc.pid, signal.SIGTERM)
+            # refused once the drain started, while the request is still in flight
+            assert wait_until(lambda: _refuses(p.port), timeout=3)
+            release.set()
+            r = busy.response()
+            assert r.status == 200, r
+        stop_and_check_all_gone(p, kids)
+    finally:
+        release.set()
+
+
+def _refuses(port: int) -> bool:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=1)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    s.close()
+    return False
