@@ -89,6 +89,8 @@ THREAD_STACK_SIZE = 512 * 1024   # per connection thread; the default 8 MiB rese
 GATE_SLOTS = 4
 GATE_THRESHOLD = 64
 MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+TCP_INFO = getattr(socket, "TCP_INFO", 0)  # Linux: struct tcp_info, see is_reusable
+TCP_ESTABLISHED = 1
 
 
 # ===================================================================================================
@@ -1095,8 +1097,19 @@ class UpstreamConnection(http.client.HTTPConnection):
 
     def is_reusable(self) -> bool:
         """An idle connection with something to read was closed by the upstream (or is out of
-        step with it): never reuse it. Checked without blocking before every reuse."""
-        return self.sock is not None and not self._poller.poll(0)
+        step with it: bytes nobody asked for would become the next client's answer). Checked
+        before every reuse. On Linux, TCP_INFO says it without a system call that gives up the
+        GIL (one GIL hand-off less per request): the connection must still be ESTABLISHED and
+        the kernel must have received no byte that was not read (tcpi_bytes_received, Linux
+        4.1+). Elsewhere poll(0) says whether anything is waiting."""
+        if self.sock is None:
+            return False
+        if TCP_INFO:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 136)
+            if len(info) >= 136:
+                return info[0] == TCP_ESTABLISHED and (
+                    int.from_bytes(info[128:136], sys.byteorder) == self.reader.raw.received)
+        return not self._poller.poll(0)
 
     def close(self) -> None:
         reader, self.reader = self.reader, None

@@ -14,6 +14,8 @@ Ports can be changed with flags or environment variables (flags win):
     --balancer PATH          DEMO_BALANCER         (default load_balancer.py in the repo root)
 
 Every process binds 127.0.0.1 only. The line `pids: ...` lists the child process ids.
+In the foreground of a terminal the demo takes the terminal's foreground for its own process group,
+so Ctrl-C reaches it alone and `make demo` exits 0 too (see take_terminal); Ctrl-Z is then ignored.
 Standard library only.
 """
 
@@ -87,6 +89,63 @@ class Signals:
 
     def count(self) -> int:
         return len(self.received)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Terminal: Ctrl-C for the demo alone (job control, as a shell does it)
+# ---------------------------------------------------------------------------------------------------
+
+def take_terminal():
+    """Ctrl-C makes the terminal send SIGINT to its whole foreground process group. Under `make demo`
+    that group includes make, and GNU make, once interrupted, kills itself with SIGINT after its
+    recipe ends: the shell would see 130 although the demo exited 0. So, when the demo runs in the
+    foreground of a terminal, move it into a process group of its own and make that group the
+    terminal's foreground (its children already have groups of their own). Returns a function that
+    hands the terminal back to the original group, or None if nothing was changed (no terminal, as
+    in CI or pipes; a background job; or the demo already leads its group, e.g. run by a shell)."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no controlling terminal
+    original = os.getpgrp()
+    try:
+        if original == os.getpid() or os.tcgetpgrp(tty) != original:
+            os.close(tty)
+            return None
+        os.setpgid(0, 0)
+        try:
+            _set_foreground(tty, os.getpgrp())
+        except OSError:
+            os.setpgid(0, original)  # back where Ctrl-C reaches us, as before
+            raise
+    except OSError:
+        os.close(tty)
+        return None
+    # Ctrl-Z would now stop the demo alone, which nothing (neither make nor the shell, which waits
+    # for make) would ever notice or continue: the terminal would hang. A handler, unlike SIG_IGN,
+    # is not inherited by the children.
+    signal.signal(signal.SIGTSTP, lambda signum, frame: None)
+
+    def give_back() -> None:
+        try:
+            if os.tcgetpgrp(tty) == os.getpgrp():  # still ours: nobody else took it meanwhile
+                _set_foreground(tty, original)
+        except OSError:
+            pass  # the original group is gone (make was killed): nobody to hand it back to
+        finally:
+            os.close(tty)
+
+    return give_back
+
+
+def _set_foreground(tty: int, pgrp: int) -> None:
+    # tcsetpgrp() from a background group (ours, right after setpgid) raises SIGTTOU, which would
+    # stop the demo; shells ignore SIGTTOU for this call the same way.
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(tty, pgrp)
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,10 +403,14 @@ def run(args, signals: Signals) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     signals = Signals()
+    give_back = take_terminal()
     try:
         return run(args, signals)
     except KeyboardInterrupt:  # pragma: no cover (SIGINT has its own handler)
         return 0
+    finally:  # every way out, exceptions included, gives the terminal back
+        if give_back is not None:
+            give_back()
 
 
 if __name__ == "__main__":

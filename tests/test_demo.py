@@ -2,18 +2,24 @@
 
 Each test runs the demo on free ports (DEMO_* environment variables) in a new session, as a
 terminal would run it in its own process group, and checks that no process of that session
-outlives it. Tests that need a working load_balancer.py FAIL (not skip) while it is missing.
+outlives it. The `make demo` Ctrl-C tests also run it in a pseudo-terminal and type Ctrl-C into it,
+so that the terminal driver itself signals the foreground process group. Tests that need a working
+load_balancer.py FAIL (not skip) while it is missing.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -91,21 +97,33 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
+def demo_env(lb_port: int, admin_port: int, upstream_ports: list[int]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    env.update({
+        "DEMO_LB_PORT": str(lb_port),
+        "DEMO_ADMIN_PORT": str(admin_port),
+        "DEMO_UPSTREAM_PORTS": ",".join(map(str, upstream_ports)),
+        "DEMO_BALANCER": str(BALANCER),
+        "PYTHON": sys.executable,  # for `make demo`
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def child_pids(out: str) -> list[int]:
+    for line in out.splitlines():
+        if line.startswith("pids: "):
+            return [int(p) for p in line.split()[1:]]
+    raise AssertionError(f"no 'pids:' line in\n{out}")
+
+
 class Demo:
     """The demo (or `make demo`) as the leader of a new session; output collected line by line."""
 
     def __init__(self, argv: list[str], extra_env: dict | None = None, ports=None):
         self.lb_port, self.admin_port, *self.upstream_ports = ports or free_ports(5)
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
-        env.update({
-            "DEMO_LB_PORT": str(self.lb_port),
-            "DEMO_ADMIN_PORT": str(self.admin_port),
-            "DEMO_UPSTREAM_PORTS": ",".join(map(str, self.upstream_ports)),
-            "DEMO_BALANCER": str(BALANCER),
-            "PYTHON": sys.executable,  # for `make demo`
-            "PYTHONUNBUFFERED": "1",
-        })
+        env = demo_env(self.lb_port, self.admin_port, self.upstream_ports)
         env.update(extra_env or {})
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -140,10 +158,7 @@ class Demo:
         return self
 
     def child_pids(self) -> list[int]:
-        for line in self.output().splitlines():
-            if line.startswith("pids: "):
-                return [int(p) for p in line.split()[1:]]
-        raise AssertionError(f"no 'pids:' line in\n{self.output()}")
+        return child_pids(self.output())
 
     def ctrl_c(self) -> None:
         """SIGINT to the foreground process group, as a terminal's Ctrl-C sends it."""
@@ -190,6 +205,91 @@ def demo():
     yield start
     for d in made:
         d.cleanup()
+
+
+class PtyRun:
+    """A command as the leader of a new session whose controlling terminal (and stdin, stdout,
+    stderr) is a new pseudo-terminal, as a terminal emulator runs a shell. The test plays the
+    terminal: it reads the master side and types into it (b"\\x03" is Ctrl-C, which the terminal
+    driver turns into SIGINT for the terminal's foreground process group)."""
+
+    def __init__(self, argv: list[str], ports: list[int]):
+        self.lb_port, self.admin_port, *self.upstream_ports = ports
+        self.master, slave = os.openpty()
+        try:
+            # Popen calls setsid() (start_new_session) before preexec_fn: the new session has no
+            # terminal yet, and TIOCSCTTY makes the pty (fd 0 by then) its controlling terminal,
+            # with the session leader's group in the foreground.
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, env=demo_env(*ports[:2], ports[2:]),
+                stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        finally:
+            os.close(slave)
+        self.sid = self.proc.pid
+        self.data = b""
+        self.eof = False
+
+    def output(self) -> str:
+        return self.data.decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def read_until(self, predicate, timeout: float) -> bool:
+        """Read the master side until predicate(output) holds, EOF (no process holds the pty any
+        more) or timeout seconds pass. Never blocks longer than the time left."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.output()):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.eof:
+                return predicate(self.output())
+            if select.select([self.master], [], [], min(left, 0.1))[0]:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError as exc:  # Linux: EIO once every slave fd is closed
+                    if exc.errno != errno.EIO:
+                        raise
+                    chunk = b""
+                self.data += chunk
+                self.eof = not chunk
+        return True
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Exit code of the session leader; the pty is read meanwhile, so that nobody blocks on a
+        full terminal."""
+        self.read_until(lambda _: self.proc.poll() is not None, timeout)
+        return self.proc.wait(TIMEOUT)
+
+    def cleanup(self) -> None:
+        """SIGKILL whatever of this session is still there (by PID / its own group)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(TIMEOUT)
+        for pid in session_members(self.sid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.close(self.master)
+
+
+@pytest.fixture
+def pty_run():
+    """Factory: pty_run(argv) -> PtyRun on free ports; cleaned up after the test."""
+    made: list[PtyRun] = []
+
+    def start(argv: list[str]) -> PtyRun:
+        r = PtyRun(argv, free_ports(5))
+        made.append(r)
+        return r
+
+    yield start
+    for r in made:
+        r.cleanup()
 
 
 def get(port: int, path: str = "/", method: str = "GET") -> tuple[int, str, str]:
@@ -246,6 +346,8 @@ def test_demo_ctrl_c_stops_everything(demo):
 
 
 def test_make_demo_ctrl_c_stops_everything(demo):
+    """Without a terminal (CI, pipes) the demo cannot take Ctrl-C for itself: the SIGINT sent here
+    to the whole group reaches make too. The terminal case is test_make_demo_ctrl_c_in_a_terminal."""
     require_balancer()
     d = demo(["make", "--no-print-directory", "demo"]).wait_ready()
     assert_hints(d)
@@ -261,6 +363,48 @@ def test_make_demo_ctrl_c_stops_everything(demo):
     assert "Traceback" not in out, out
     assert "demo: stopped" in out, out
     d.assert_nothing_left(pids)
+
+
+# make as the terminal's session leader (a terminal running make directly), and make run by a
+# shell that stays (sh -c does no job control: make runs in the shell's own, foreground, group).
+MAKE_DEMO = ["make", "--no-print-directory", "demo"]
+MAKE_IN_SH = ["sh", "-c", 'make --no-print-directory demo; echo "make exited with $?"; '
+              'exec sleep 30']
+
+
+@pytest.mark.parametrize("argv", [MAKE_DEMO, MAKE_IN_SH], ids=["make", "sh-make"])
+def test_make_demo_ctrl_c_in_a_terminal(pty_run, argv):
+    """Ctrl-C typed into the terminal: only the demo is interrupted, so make exits 0 (not 130),
+    and the terminal's foreground is handed back to the group that had it."""
+    require_balancer()
+    r = pty_run(argv)
+    assert r.read_until(lambda out: "Press Ctrl-C" in out, READY_TIMEOUT), (
+        f"demo not ready (exit code {r.proc.poll()}):\n{r.output()}")
+    pids = child_pids(r.output())
+    assert len(pids) == 4 and all(alive(p) for p in pids), pids
+    assert answering_port(r.lb_port) in r.upstream_ports
+    # Ctrl-Z must not stop the demo: in a group of its own nobody would ever continue it.
+    r.type(b"\x1a")
+    assert r.read_until(lambda out: "^Z" in out, TIMEOUT), r.output()  # echoed after the signal
+    time.sleep(0.3)
+    stopped = [p for p in session_members(r.sid) if proc_stat(p)[0] in ("T", "t")]
+    assert not stopped, (stopped, r.output())
+    r.type(b"\x03")
+    if argv is MAKE_DEMO:
+        rc = r.wait_exit(EXIT_TIMEOUT)
+        r.read_until(lambda _: False, GONE_TIMEOUT)  # the rest of the output, up to EOF
+    else:
+        r.read_until(lambda out: "make exited with" in out, EXIT_TIMEOUT)
+        assert r.proc.poll() is None, (r.proc.returncode, r.output())  # sh was not interrupted
+        rc = int(r.output().rpartition("make exited with ")[2].split()[0])
+        assert os.tcgetpgrp(r.master) == r.sid, (os.tcgetpgrp(r.master), r.sid, r.output())
+    out = r.output()
+    assert rc == 0, (rc, out)
+    assert "make: ***" not in out, out
+    assert "Traceback" not in out, out
+    assert "demo: stopped" in out, out
+    assert wait_until(lambda: not any(alive(p) for p in pids), GONE_TIMEOUT), (
+        f"left running: {[p for p in pids if alive(p)]}")
 
 
 def test_demo_sigterm_stops_everything(demo):
