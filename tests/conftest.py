@@ -342,6 +342,32 @@ class RawUpstream:
         self.listener.close()
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for listeners that need a number up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_of(resp) -> int:
+    """The port of the default upstream handler that answered (its X-Upstream-Port header)."""
+    value = resp.header("X-Upstream-Port")
+    assert value is not None, resp
+    return int(value)
+
+
+def refuses(port: int) -> bool:
+    """True if a TCP connect to 127.0.0.1:port is refused right now."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=1)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    s.close()
+    return False
+
+
 def refused_url() -> str:
     """A URL on 127.0.0.1 where nothing listens (connect is refused)."""
     s = socket.socket()

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from conftest import (ROOT, SOCKET_TIMEOUT, RawClient, default_handler, get, wait_until)
+from conftest import (ROOT, SOCKET_TIMEOUT, RawClient, default_handler, free_port, get, port_of,
+                      refuses, wait_until)
 
 LB = str(ROOT / "load_balancer.py")
 ERROR_PREFIX = "load_balancer: error:"
@@ -28,30 +29,6 @@ ERROR_PREFIX = "load_balancer: error:"
 def run_cli(args: list[str], timeout: float = 10.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, LB, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_of(resp) -> int:
-    value = resp.header("X-Upstream-Port")
-    assert value is not None, resp
-    return int(value)
-
-
-def refuses(port: int) -> bool:
-    """True if a TCP connect to 127.0.0.1:port is refused right now."""
-    try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=1)
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    s.close()
-    return False
 
 
 def backend_args(ups) -> list[str]:

@@ -85,6 +85,21 @@ def alive(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
+def kill_session(proc: subprocess.Popen, sid: int) -> None:
+    """Safety net: SIGKILL whatever of a run is still there (its process group, then by PID)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(TIMEOUT)
+    for pid in session_members(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def session_members(sid: int) -> list[int]:
     """Live processes (not zombies) in session sid: everything the demo run started, however deep,
     unless it made a session of its own."""
@@ -177,17 +192,7 @@ class Demo:
 
     def cleanup(self) -> None:
         """Safety net: SIGKILL whatever of this run is still there (by PID / its own group)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(TIMEOUT)
-        for pid in session_members(self.sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_session(self.proc, self.sid)
         self._reader.join(TIMEOUT)
         self.proc.stdout.close()
 
@@ -263,17 +268,7 @@ class PtyRun:
 
     def cleanup(self) -> None:
         """SIGKILL whatever of this session is still there (by PID / its own group)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(TIMEOUT)
-        for pid in session_members(self.sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_session(self.proc, self.sid)
         os.close(self.master)
 
 

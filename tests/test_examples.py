@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import RawClient, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "examples" / "server.py"
 TIMEOUT = 10.0          # every socket
@@ -29,13 +31,6 @@ EXIT_TIMEOUT = 10.0     # until the server exits after a signal
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class ServerProcess:
     """`python examples/server.py --port PORT ARGS` with its stderr collected line by line."""
@@ -130,12 +125,11 @@ class Response:
         return f"<Response {self.head!r} {self.body!r}>"
 
 
-class Conn:
-    """One client connection speaking raw HTTP/1.1; every response must carry Content-Length."""
+class Conn(RawClient):
+    """conftest's raw client, stricter: HTTP/1.1 responses, every one with Content-Length."""
 
     def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.file = self.sock.makefile("rb")
+        super().__init__(port, timeout=TIMEOUT)
 
     def request(self, method: str = "GET", path: str = "/", headers: dict | None = None,
                 body: bytes = b"", raw_body: bytes | None = None) -> Response:
@@ -168,27 +162,6 @@ class Conn:
         length = int(headers["content-length"])
         body = b"" if method == "HEAD" else self.file.read(length)
         return Response(int(status), headers, body, head)
-
-    def is_closed(self, timeout: float = 5.0) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            return self.file.read1(1) == b""
-        except ConnectionResetError:
-            return True
-        except socket.timeout:
-            return False
-        finally:
-            self.sock.settimeout(TIMEOUT)
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def request(port: int, method: str = "GET", path: str = "/", **kwargs) -> Response:

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from conftest import (SOCKET_TIMEOUT, RawClient, default_handler, get, refused_url,
+from conftest import (SOCKET_TIMEOUT, RawClient, default_handler, free_port, get, port_of,
+                      refused_url,
                       wait_until)
 
 HEALTH = "/health"
@@ -29,13 +30,6 @@ HEALTH = "/health"
 # Local helpers
 # ---------------------------------------------------------------------------------------------------
 
-def port_of(resp) -> int:
-    """Which upstream answered (conftest's default handler sets X-Upstream-Port)."""
-    value = resp.header("X-Upstream-Port")
-    assert value is not None, resp
-    return int(value)
-
-
 def app_requests(upstream) -> list:
     """Requests that are not health probes."""
     return [r for r in upstream.requests if not r.target.startswith(HEALTH)]
@@ -43,12 +37,6 @@ def app_requests(upstream) -> list:
 
 def probes(upstream) -> list:
     return [r for r in upstream.requests if r.target.startswith(HEALTH)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def admin_status(b) -> dict:

@@ -13,7 +13,8 @@ import signal
 import socket
 import threading
 
-from conftest import SOCKET_TIMEOUT, RawClient, default_handler, get, wait_until
+from conftest import (SOCKET_TIMEOUT, RawClient, default_handler, free_port, get, port_of,
+                      refuses, wait_until)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,18 +112,6 @@ def all_workers_listening(p, n: int) -> bool:
     return len(kids) == n and all(listening(k, p.port) for k in kids)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_of(resp) -> int:
-    value = resp.header("X-Upstream-Port")
-    assert value is not None, resp
-    return int(value)
-
-
 def start(cli, ups, *extra):
     """Start the CLI and wait for its start-up line. Whether the port already accepts at that
     moment is the subject of test_workers_accept_as_soon_as_startup_line_is_logged; the other
@@ -132,7 +121,7 @@ def start(cli, ups, *extra):
     for u in ups:
         args += ["--backend", u.url]
     p = cli(args).wait_ready()
-    assert wait_until(lambda: not _refuses(p.port), timeout=5), p.stderr_text()
+    assert wait_until(lambda: not refuses(p.port), timeout=5), p.stderr_text()
     return p
 
 
@@ -163,7 +152,7 @@ def test_workers_accept_as_soon_as_startup_line_is_logged(cli, upstreams):
     up, = upstreams(1)
     p = cli(["--host", "127.0.0.1", "--port", "0", "--health-interval", "0", "--workers", "2",
              "--backend", up.url]).wait_ready()
-    assert not _refuses(p.port), "connection refused right after the start-up line"
+    assert not refuses(p.port), "connection refused right after the start-up line"
     assert get(p.port).status == 200
 
 
@@ -234,7 +223,7 @@ def test_workers_auto_with_port_0(cli, upstreams):
     for u in ups:
         args += ["--backend", u.url]
     p = cli(args).wait_ready()
-    assert wait_until(lambda: not _refuses(p.port), timeout=5), p.stderr_text()
+    assert wait_until(lambda: not refuses(p.port), timeout=5), p.stderr_text()
     expected = {len(os.sched_getaffinity(0)), os.cpu_count()}
     assert wait_until(lambda: len(workers(p.proc.pid)) in expected
                       and all_workers_listening(p, len(workers(p.proc.pid))), timeout=5), \
@@ -264,7 +253,7 @@ def test_workers_sigterm_drains_in_flight_request(cli, upstreams):
             assert arrived.wait(5)
             os.kill(p.proc.pid, signal.SIGTERM)
             # refused once the drain started, while the request is still in flight
-            assert wait_until(lambda: _refuses(p.port), timeout=3), (
+            assert wait_until(lambda: refuses(p.port), timeout=3), (
                 f"still accepting 3 s after SIGTERM; workers {workers(p.proc.pid)}; "
                 f"stderr:\n{p.stderr_text()}")
             release.set()
@@ -275,15 +264,6 @@ def test_workers_sigterm_drains_in_flight_request(cli, upstreams):
         release.set()
 
 
-def _refuses(port: int) -> bool:
-    try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=1)
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    s.close()
-    return False
 
 
 def _in_group(pgid: int) -> set[int]:
