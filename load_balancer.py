@@ -408,7 +408,7 @@ def parse_request_head(head: bytes, config: Config) -> Request:
 def split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
     """``http://host:port/path?query`` -> (authority, origin-form target)."""
     scheme_end = target.find(b"://")
-    if target[:scheme_end].lower() not in (b"http", b"https"):
+    if scheme_end < 0 or target[:scheme_end].lower() not in (b"http", b"https"):
         raise HTTPError(400, "request target is neither origin-form nor absolute-form")
     rest = target[scheme_end + 3:]
     end = len(rest)
@@ -527,7 +527,7 @@ def headers_for_client(response: ResponseHead, *, chunked: bool, keep_alive: boo
         lines.append(b"Content-Length: %d" % response.content_length)
     elif chunked:
         lines.append(b"Transfer-Encoding: chunked")
-    if not response.has_date:  # RFC 9110 section 6.6.1: a recipient with a clock adds it
+    if not response.has_date or b"date" in response.connection_tokens:  # RFC 9110 section 6.6.1
         lines.append(b"Date: " + http_date())
     if not keep_alive:
         lines.append(b"Connection: close")
@@ -571,10 +571,13 @@ def read_head(reader: io.BufferedReader, max_size: int, max_line: int, deadline:
     start that no request (a method) or response ("HTTP/") begins with: a TLS handshake sent to
     this plain-HTTP port is answered at once instead of at the deadline."""
     data = reader.peek(1)
-    skipped = 0
-    while data[:2] == b"\r\n" and skipped < MAX_LEADING_EMPTY_LINES:
-        reader.read(2)
-        skipped += 1
+    for _ in range(MAX_LEADING_EMPTY_LINES):
+        if data[:1] != b"\r":
+            break
+        reader.read(1)  # its LF may not have arrived yet
+        if reader.peek(1)[:1] != b"\n":
+            raise HTTPError(400, "bare CR before the start line")
+        reader.read(1)
         data = reader.peek(1)
     if not data:
         return None
@@ -597,7 +600,7 @@ def read_head(reader: io.BufferedReader, max_size: int, max_line: int, deadline:
             break
         if (head[:5] != b"HTTP/"[:len(head)]) if response else head[:1].translate(None, TCHAR):
             raise HTTPError(400, "not an HTTP message")
-        if len(head) > max_line and head.find(b"\r\n", 0, max_line + 2) < 0:
+        if head.find(b"\r\n", 0, max_line + 2) < 0 and len(head) > max_line + head.startswith(b"\r", max_line):
             raise HTTPError(414, f"request line longer than {max_line} bytes")
         if head.count(b"\n") != head.count(b"\r\n"):  # the CRLF CRLF ending might never come
             raise HTTPError(400, "bare LF line ends (RFC 9112 section 2.2)")
@@ -871,7 +874,7 @@ class Backend:
                 self.checks_passed += 1
                 self.checks_failed = self.consecutive_failures = 0
                 rose = not self.healthy and self.checks_passed >= config.rise
-                changed = rose or self.ejected_until > time.monotonic()
+                changed = rose or (self.healthy and self.ejected_until > time.monotonic())
                 if rose:
                     self.healthy = True
                 if changed:
@@ -949,7 +952,7 @@ class RoundRobin:
         now = time.monotonic()
         pending = [b.ejected_until for b in self.backends if b.ejected_until > now]
         wait = min(pending) - now if pending else self.backends[0].config.health_interval
-        return max(1, int(wait + 0.999))
+        return max(1, math.ceil(wait))
 
 
 # ===================================================================================================
