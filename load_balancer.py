@@ -602,7 +602,8 @@ def read_head(reader: io.BufferedReader, max_size: int, max_line: int, deadline:
             break
         if (head[:5] != b"HTTP/"[:len(head)]) if response else head[:1].translate(None, TCHAR):
             raise HTTPError(400, "not an HTTP message")
-        if head.find(b"\r\n", 0, max_line + 2) < 0 and len(head) > max_line + head.startswith(b"\r", max_line):
+        lf_pending = len(head) == max_line + 1 and head.endswith(b"\r")  # a line of exactly max_line
+        if head.find(b"\r\n", 0, max_line + 2) < 0 and len(head) > max_line and not lf_pending:
             raise HTTPError(414, f"request line longer than {max_line} bytes")
         if head.count(b"\n") != head.count(b"\r\n"):  # the CRLF CRLF ending might never come
             raise HTTPError(400, "bare LF line ends (RFC 9112 section 2.2)")
