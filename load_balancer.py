@@ -1101,8 +1101,7 @@ class UpstreamConnection(http.client.HTTPConnection):
         self.sock.settimeout(None)  # blocking, with kernel timeouts: see set_timeout
         self.set_timeout(self.config.timeout)
         self.reader = socket_reader(self.sock, READ_BUFFER)
-        self._poller = select.poll()
-        self._poller.register(self.sock, select.POLLIN)
+        self._poller = None  # built on first use, where TCP_INFO cannot answer
 
     def makefile(self, mode: str) -> io.BufferedReader:
         return self.reader
@@ -1126,6 +1125,9 @@ class UpstreamConnection(http.client.HTTPConnection):
             if len(info) >= 136:
                 return info[0] == TCP_ESTABLISHED and (
                     int.from_bytes(info[128:136], sys.byteorder) == self.reader.raw.received)
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN)
         return not self._poller.poll(0)
 
     def close(self) -> None:

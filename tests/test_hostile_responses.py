@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import RawClient, Response, get, parse_head, read_body, read_head
+import load_balancer as lb
+from conftest import RawClient, Response, get, parse_head, read_body, read_head, wait_until
 
 TIMEOUT = 3            # balancer --timeout in this module
 FAST = 2.0             # a malformed response that arrives at once must be answered well before it
@@ -438,6 +439,46 @@ def test_bytes_after_the_response_are_never_relayed(raw_upstream, balancer, meth
     for path in ("/two", "/three"):
         resp = get(b.port, path)
         assert resp.status == 200 and resp.body == b"second " + path.encode(), resp
+
+
+@pytest.mark.parametrize("reuse_check", ["tcp-info", "poll"])
+def test_bytes_arriving_on_an_idle_pooled_connection_are_never_relayed(raw_upstream, balancer,
+                                                                      reuse_check, monkeypatch):
+    """The unasked-for bytes come after the connection went back to the pool: only the check
+    before reuse (is_reusable) can catch them."""
+    if reuse_check == "poll":
+        monkeypatch.setattr(lb, "TCP_INFO", 0)
+    elif not lb.TCP_INFO:
+        pytest.skip("no TCP_INFO on this platform")
+    send_extra, extra_sent = threading.Event(), threading.Event()
+
+    def serve(sock, up):
+        first = up.connections == 1
+        while True:
+            request = up.read_request(sock)
+            if not request:
+                return
+            body = b"second " + request.split(b" ", 2)[1]
+            if first:
+                first = False
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+                send_extra.wait(TIMEOUT)
+                sock.sendall(EXTRA)
+                extra_sent.set()
+            else:
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    up = raw_upstream(serve)
+    b = balancer([up.url], **OPTIONS)
+    pool = b.backends[0].pool
+    resp = get(b.port, "/one")
+    assert resp.status == 200 and resp.body == b"good", resp
+    assert wait_until(lambda: len(pool) == 1), "the connection was not pooled"
+    send_extra.set()
+    assert extra_sent.wait(TIMEOUT)
+    resp = get(b.port, "/two")
+    assert resp.status == 200 and resp.body == b"second /two", resp
+    assert up.connections == 2
 
 
 # ---------------------------------------------------------------------------------------------------
