@@ -1659,8 +1659,9 @@ class ProxyServer(ThreadingHTTPServer):
 
     def service_actions(self) -> None:
         """serve_forever() accepts one connection per wake-up of its poll(); under a burst of
-        connects, take the rest of the backlog now instead of one poll() each."""
-        while True:
+        connects, take the rest of the backlog now instead of one poll() each (at most one
+        backlog's worth, so that a connect flood cannot keep shutdown() waiting)."""
+        for _ in range(self.request_queue_size):
             try:
                 request, client_address = self.socket.accept()
             except OSError:  # BlockingIOError: the backlog is empty
