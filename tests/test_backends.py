@@ -434,6 +434,26 @@ def test_gate_enter_leave_same_thread_below_threshold():
     assert (gate.in_flight, gate.running, len(gate.waiting)) == (0, 0, 0)
 
 
+def test_gate_keep_gil_with_company_below_threshold_and_nobody_queueing():
+    gate = lb.FairGate(slots=4, threshold=3)
+    assert not gate.keep_gil
+    gate.enter(new_request=True)
+    assert not gate.keep_gil                # a lone request: nobody else wants the GIL
+    gate.enter(new_request=True)
+    gate.enter(new_request=True)
+    assert gate.keep_gil                    # company, at the threshold
+    gate.enter(new_request=True)
+    assert not gate.keep_gil                # above it: the GIL must change hands
+    gate.leave(request_done=True)
+    assert gate.keep_gil
+    gate.waiting.append(threading.Lock())   # a thread in line, even below the threshold
+    assert not gate.keep_gil
+    gate.waiting.clear()
+    for _ in range(3):
+        gate.leave(request_done=True)
+    assert (gate.in_flight, gate.running, gate.keep_gil) == (0, 0, False)
+
+
 @pytest.mark.parametrize("slots", [1, 2])
 def test_gate_above_threshold_admits_fifo(slots):
     gate = lb.FairGate(slots=slots, threshold=0)
