@@ -233,6 +233,11 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         pass
 
 
+class UpstreamServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # socketserver's 5 drops SYNs when tests open many connections at once
+
+
 class Upstream:
     """A real HTTP/1.1 server on 127.0.0.1 (ephemeral port) served from a thread."""
 
@@ -249,8 +254,7 @@ class Upstream:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), UpstreamHandler)
-        server.daemon_threads = True
+        server = UpstreamServer(("127.0.0.1", self.port), UpstreamHandler)
         server.upstream = self
         self.server, self.port = server, server.server_port
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
