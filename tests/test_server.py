@@ -8,7 +8,6 @@ real upstreams, real client connections, the balancer in-process.
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 
 import load_balancer as lb
@@ -104,18 +103,15 @@ def test_connect_burst_all_served(upstreams, balancer):
     # 200 connects before any request: serve_forever wakes once and takes the whole backlog.
     up, = upstreams(1)
     b = balancer([up.url])
-    socks = [socket.create_connection(("127.0.0.1", b.port), timeout=5) for _ in range(200)]
     clients = []
     try:
-        for sock in socks:
-            client = RawClient.__new__(RawClient)
-            client.sock, client.file = sock, sock.makefile("rb")
-            clients.append(client)
+        for _ in range(200):
+            clients.append(RawClient(b.port))
         for client in clients:
             client.send(REQUEST)
         for client in clients:
             assert client.response().status == 200
     finally:
-        for sock in socks:
-            sock.close()
+        for client in clients:
+            client.close()
     assert len(up.requests) == 200
