@@ -1,5 +1,6 @@
 """Shared fixtures: real upstream servers on ephemeral 127.0.0.1 ports, a balancer started in-process,
-and raw-socket clients for byte-level assertions.
+and raw-socket clients for byte-level assertions; and the helpers more than one test module needs
+(free ports, wait_until, a held /slow upstream handler, /proc readers for processes and sockets).
 
 Every socket made here has a timeout, and every server is stopped at the end of the test that
 started it.
@@ -7,6 +8,7 @@ started it.
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import subprocess
@@ -15,7 +17,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pytest
 
@@ -205,6 +207,22 @@ def default_handler(h: "UpstreamHandler", req: RecordedRequest) -> None:
         h.wfile.write(body)
 
 
+class SlowUpstreamHandler:
+    """Upstream handler: a request for /slow waits for `release` (SOCKET_TIMEOUT at most) and then,
+    like every other request, gets default_handler's answer. `arrived` is set when /slow reached
+    the upstream. Tests set `release` in a `finally`, so that no handler is left waiting."""
+
+    def __init__(self):
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, h: "UpstreamHandler", req: RecordedRequest) -> None:
+        if req.target == "/slow":
+            self.arrived.set()
+            self.release.wait(SOCKET_TIMEOUT)
+        default_handler(h, req)
+
+
 class UpstreamHandler(BaseHTTPRequestHandler):
     """Records each request (head as sent, body decoded) and lets the test's function answer."""
 
@@ -233,9 +251,21 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         pass
 
 
+# What a peer that went away looks like to a server writing to it or reading from it.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
 class UpstreamServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # socketserver's 5 drops SYNs when tests open many connections at once
+
+    def handle_error(self, request, client_address):
+        """The balancer closing a connection that a handler still writes to (after a drain timeout
+        or a health-probe timeout, say) is no error here; anything else is printed as socketserver
+        prints it."""
+        if isinstance(sys.exc_info()[1], CLIENT_GONE):
+            return
+        super().handle_error(request, client_address)
 
 
 class Upstream:
@@ -346,11 +376,25 @@ class RawUpstream:
         self.listener.close()
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports on 127.0.0.1 that were free a moment ago (for listeners that need a number
+    up front). All n are bound at once, so they differ."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.settimeout(SOCKET_TIMEOUT)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago (for listeners that need a number up front)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that was free a moment ago."""
+    return free_ports(1)[0]
 
 
 def port_of(resp) -> int:
@@ -374,11 +418,7 @@ def refuses(port: int) -> bool:
 
 def refused_url() -> str:
     """A URL on 127.0.0.1 where nothing listens (connect is refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -529,3 +569,106 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
             return True
         time.sleep(interval)
     return predicate()
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes and sockets as /proc shows them (Linux)
+# ---------------------------------------------------------------------------------------------------
+
+class ProcStat(NamedTuple):
+    state: str      # R, S, D, T, t, Z, X, ...
+    ppid: int
+    pgrp: int
+    session: int
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """The fields of /proc/<pid>/stat the tests use, or None if the process does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("latin-1")
+    except OSError:  # FileNotFoundError, ProcessLookupError: gone
+        return None
+    fields = data.rpartition(")")[2].split()  # after the command name, which may hold anything
+    return ProcStat(fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    stat = proc_stat(pid)
+    return stat is not None and stat.state not in ("Z", "X")
+
+
+def live_processes(where: Callable[[ProcStat], bool]) -> set[int]:
+    """PIDs of the live processes (not zombies) whose stat satisfies `where`."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat.state not in ("Z", "X") and where(stat):
+                found.add(int(entry))
+    return found
+
+
+def proc_cmdline(pid: int) -> str:
+    """The command line of a process, arguments joined by spaces; "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def proc_children(pid: int) -> set[int]:
+    """Child PIDs (zombies included): /proc/<pid>/task/*/children, or the ppid field of every
+    /proc/*/stat where the kernel has no children file."""
+    files = glob.glob(f"/proc/{pid}/task/*/children")
+    kids: set[int] = set()
+    if files:
+        for name in files:
+            try:
+                with open(name) as f:
+                    kids.update(int(x) for x in f.read().split())
+            except OSError:
+                pass
+    else:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = proc_stat(int(entry))
+                if stat is not None and stat.ppid == pid:
+                    kids.add(int(entry))
+    return kids
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets (IPv4 and IPv6) listening on `port`, whoever holds them."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(cols[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets among a process's open file descriptors (empty if it is gone)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    inodes = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes

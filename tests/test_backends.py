@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections import Counter
 
 import pytest
 
 import load_balancer as lb
+from conftest import wait_until
 
 URLS = ("http://a.invalid:8001", "http://b.invalid:8002", "http://c.invalid:8003", "http://d.invalid:8004")
 WAIT = 5.0  # upper bound for every wait on another thread; none should take more than milliseconds
@@ -64,13 +64,9 @@ def clock(monkeypatch) -> Clock:
     return fake
 
 
-def wait_for(predicate, timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
+def wait_for(predicate) -> bool:
+    """Poll another thread's progress: it takes milliseconds, so poll every millisecond."""
+    return wait_until(predicate, timeout=WAIT, interval=0.001)
 
 
 # ===================================================================================================

@@ -14,13 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from conftest import (ROOT, SOCKET_TIMEOUT, RawClient, default_handler, free_port, get, port_of,
-                      refuses, wait_until)
+from conftest import (ROOT, SOCKET_TIMEOUT, RawClient, SlowUpstreamHandler, default_handler,
+                      free_port, get, port_of, refuses, wait_until)
 
 LB = str(ROOT / "load_balancer.py")
 ERROR_PREFIX = "load_balancer: error:"
@@ -282,20 +281,6 @@ def test_state_changes_logged_once_on_stderr(cli, upstreams):
 # ---------------------------------------------------------------------------------------------------
 # Signals and graceful drain
 # ---------------------------------------------------------------------------------------------------
-
-class SlowUpstreamHandler:
-    """/slow waits for `release`; everything else is answered at once."""
-
-    def __init__(self):
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, h, req):
-        if req.target == "/slow":
-            self.arrived.set()
-            self.release.wait(SOCKET_TIMEOUT)
-        default_handler(h, req)
-
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_in_flight_closes_idle_refuses_new_and_exits_0(sig, cli, upstreams):

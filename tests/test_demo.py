@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import alive, free_ports, live_processes, proc_stat, wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.py"
 BALANCER = Path(os.environ.get("DEMO_BALANCER") or ROOT / "load_balancer.py")
@@ -43,46 +45,6 @@ HEALTH_TIMEOUT = 15.0   # health interval 1 s, fall 3, rise 2 (defaults)
 def require_balancer() -> None:
     if not BALANCER.is_file():
         pytest.fail(f"{BALANCER} is missing: the demo cannot run without the load balancer")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports on 127.0.0.1 that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    """Poll a condition that has no event to wait on (another process's state)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, session) of a process, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("latin-1")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data.rpartition(")")[2].split()
-    return fields[0], int(fields[2]), int(fields[3])
-
-
-def alive(pid: int) -> bool:
-    stat = proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
 
 
 def kill_session(proc: subprocess.Popen, sid: int) -> None:
@@ -103,13 +65,7 @@ def kill_session(proc: subprocess.Popen, sid: int) -> None:
 def session_members(sid: int) -> list[int]:
     """Live processes (not zombies) in session sid: everything the demo run started, however deep,
     unless it made a session of its own."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None and stat[2] == sid and stat[0] not in ("Z", "X"):
-                members.append(int(entry))
-    return members
+    return sorted(live_processes(lambda stat: stat.session == sid))
 
 
 def demo_env(lb_port: int, admin_port: int, upstream_ports: list[int]) -> dict[str, str]:
@@ -382,7 +338,7 @@ def test_make_demo_ctrl_c_in_a_terminal(pty_run, argv):
     r.type(b"\x1a")
     assert r.read_until(lambda out: "^Z" in out, TIMEOUT), r.output()  # echoed after the signal
     time.sleep(0.3)
-    stopped = [p for p in session_members(r.sid) if proc_stat(p)[0] in ("T", "t")]
+    stopped = [p for p in session_members(r.sid) if proc_stat(p).state in ("T", "t")]
     assert not stopped, (stopped, r.output())
     r.type(b"\x03")
     if argv is MAKE_DEMO:
@@ -462,6 +418,7 @@ def error_lines(out: str) -> list[str]:
 
 def test_demo_busy_port_exits_1(demo):
     with socket.create_server(("127.0.0.1", 0)) as busy:
+        busy.settimeout(TIMEOUT)
         ports = free_ports(4)
         ports.insert(3, busy.getsockname()[1])  # the second upstream port
         d = demo(ports=ports)
@@ -476,6 +433,7 @@ def test_demo_busy_port_exits_1(demo):
 
 def test_demo_flags_override_environment(demo):
     with socket.create_server(("127.0.0.1", 0)) as busy:
+        busy.settimeout(TIMEOUT)
         busy_port = busy.getsockname()[1]
         lb_env, *rest = free_ports(5)  # the environment's choice is free; the flag's is busy
         d = demo([sys.executable, str(DEMO), "--lb-port", str(busy_port)],

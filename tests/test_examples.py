@@ -318,6 +318,7 @@ def test_verbose_logs_requests(start_server):
 
 def test_busy_port_exits_1_with_one_line():
     with socket.create_server(("127.0.0.1", 0)) as busy:
+        busy.settimeout(TIMEOUT)
         port = busy.getsockname()[1]
         proc = subprocess.run([sys.executable, str(SERVER), "--port", str(port)], cwd=ROOT,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,

@@ -19,9 +19,8 @@ import time
 
 import pytest
 
-from conftest import (SOCKET_TIMEOUT, RawClient, default_handler, free_port, get, port_of,
-                      refused_url,
-                      wait_until)
+from conftest import (SOCKET_TIMEOUT, RawClient, SlowUpstreamHandler, default_handler, free_port,
+                      get, port_of, refused_url, wait_until)
 
 HEALTH = "/health"
 
@@ -59,6 +58,17 @@ def assert_error_format(r, status: int) -> None:
     assert r.header("Content-Type") == "text/plain; charset=utf-8", r
     assert r.body.startswith(str(status).encode() + b" "), r
     assert r.body.endswith(b"\n") and r.body.count(b"\n") == 1, r
+
+
+def served_again(b, up, timeout: float = 4) -> bool:
+    """Send requests through the balancer (each must succeed) until `up` gets one again."""
+    before = len(up.requests)
+
+    def served():
+        assert get(b.port).status == 200
+        return len(up.requests) > before
+
+    return wait_until(served, timeout=timeout, interval=0.05)
 
 
 def reset(conn: socket.socket) -> None:
@@ -400,13 +410,7 @@ def test_upstream_stopped_and_restarted_during_200_keepalive_gets(upstreams, bal
             r = client.request(b"GET /ka%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
             statuses.append(r.status)
     assert statuses == [200] * 200, [(i, s) for i, s in enumerate(statuses) if s != 200]
-    before = len(mid.requests)
-
-    def mid_served():
-        assert get(b.port).status == 200
-        return len(mid.requests) > before
-
-    assert wait_until(mid_served, timeout=4, interval=0.05), "restarted upstream never came back"
+    assert served_again(b, mid), "restarted upstream never came back"
 
 
 def test_upstream_that_closes_every_connection_stopped_and_restarted(upstreams, balancer):
@@ -439,13 +443,7 @@ def test_upstream_that_closes_every_connection_stopped_and_restarted(upstreams, 
             r = client.request(b"GET /kc%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
             statuses.append(r.status)
     assert statuses == [200] * 200, [(i, s) for i, s in enumerate(statuses) if s != 200]
-    before = len(mid.requests)
-
-    def mid_served():
-        assert get(b.port).status == 200
-        return len(mid.requests) > before
-
-    assert wait_until(mid_served, timeout=4, interval=0.05)
+    assert served_again(b, mid)
 
 
 def test_all_upstreams_down_passive_503_fast_with_retry_after(balancer):
@@ -755,30 +753,23 @@ def test_admin_status_counts_errors_on_503(balancer):
 
 
 def test_admin_status_in_flight(upstreams, balancer):
-    arrived, release = threading.Event(), threading.Event()
-
-    def slow(h, req):
-        if req.target == "/slow":
-            arrived.set()
-            release.wait(SOCKET_TIMEOUT)
-        default_handler(h, req)
-
+    slow = SlowUpstreamHandler()
     slow_up, = upstreams(1, slow)
     other, = upstreams(1)
     b = balancer([slow_up.url, other.url], admin_port=free_port())
     client = RawClient(b.port)
     try:
         client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert arrived.wait(5)
+        assert slow.arrived.wait(5)
         st = admin_status(b)
         assert st["in_flight"] == 1, st
         assert [x["in_flight"] for x in st["backends"]] == [1, 0], st
-        release.set()
+        slow.release.set()
         assert client.response().status == 200
         assert wait_until(lambda: admin_status(b)["in_flight"] == 0, timeout=3)
         st = admin_status(b)
         assert [x["in_flight"] for x in st["backends"]] == [0, 0], st
         assert st["backends"][0]["requests"] == 1
     finally:
-        release.set()
+        slow.release.set()
         client.close()

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import RawClient, default_handler, get
+from conftest import RawClient, SlowUpstreamHandler, get
 
 TIMEOUT = 5.0
 
@@ -93,16 +93,8 @@ def test_rotation_counts_every_method(upstreams, balancer):
 
 def test_rotation_does_not_skip_a_busy_upstream(upstreams, balancer):
     """Strict rotation: an upstream still working on a request gets its next turn anyway."""
-    release = threading.Event()
-    slow_started = threading.Event()
-
-    def handler(h, req):
-        if req.target == "/slow":
-            slow_started.set()
-            release.wait(10)
-        default_handler(h, req)
-
-    ups = upstreams(3, handler)
+    slow = SlowUpstreamHandler()
+    ups = upstreams(3, slow)
     b = balancer([u.url for u in ups])
     by_port = {u.port: u for u in ups}
     result = {}
@@ -117,12 +109,12 @@ def test_rotation_does_not_skip_a_busy_upstream(upstreams, balancer):
     t = threading.Thread(target=slow_request, daemon=True)
     try:
         t.start()
-        assert slow_started.wait(TIMEOUT), "first request never reached the first upstream"
+        assert slow.arrived.wait(TIMEOUT), "first request never reached the first upstream"
         order = [served_by(get(b.port, f"/q{i}"), by_port, "GET", f"/q{i}") for i in range(4)]
         assert order == [ups[1], ups[2], ups[0], ups[1]]  # A's turn comes while /slow is in flight
         assert "slow" not in result
     finally:
-        release.set()
+        slow.release.set()
         t.join(TIMEOUT)
     assert "error" not in result, result.get("error")
     assert served_by(result["slow"], by_port, "GET", "/slow") is ups[0]

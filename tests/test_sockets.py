@@ -36,10 +36,11 @@ def send_now(request, monkeypatch):
 def connection():
     """(sender, receiver): a connected TCP pair; the sender is blocking, as the balancer's are."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
         sender = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
         receiver, _ = listener.accept()
     receiver.settimeout(TIMEOUT)
-    sender.settimeout(None)
+    sender.settimeout(None)  # the subject: a call that would block runs under finishes()' deadline
     yield sender, receiver
     sender.close()
     receiver.close()
@@ -83,9 +84,11 @@ import load_balancer as lb
 if sys.argv[1] == "socket":
     lb.LIBC_SEND = None
 listener = socket.create_server(("127.0.0.1", 0))
+listener.settimeout(5)
 sender = socket.create_connection(listener.getsockname(), timeout=5)
 receiver, _ = listener.accept()
-sender.settimeout(None)  # blocking, as the balancer's sockets are
+receiver.settimeout(5)
+sender.settimeout(None)  # blocking, as the balancer's sockets are (the child runs under a timeout)
 block = b"x" * 65536
 total = 0
 while True:
@@ -94,7 +97,6 @@ while True:
     if sent < len(block):
         break
 assert lb.send_now(sender, block) == 0
-receiver.settimeout(5)
 received = 0
 while received < total:
     data = receiver.recv(1 << 20)

@@ -7,100 +7,27 @@ signalled by PID; conftest's `cli` fixture kills the process group at teardown.
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
-import socket
-import threading
 
-from conftest import (SOCKET_TIMEOUT, RawClient, default_handler, free_port, get, port_of,
-                      refuses, wait_until)
+from conftest import (RawClient, SlowUpstreamHandler, alive, free_port, get, listening_inodes,
+                      live_processes, port_of, proc_children, proc_cmdline, refuses,
+                      socket_inodes, wait_until)
 
 
 # ---------------------------------------------------------------------------------------------------
-# /proc helpers
+# Helpers (the generic /proc readers are conftest's)
 # ---------------------------------------------------------------------------------------------------
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
-
-
-def alive(pid: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def children(pid: int) -> set[int]:
-    files = glob.glob(f"/proc/{pid}/task/*/children")
-    kids: set[int] = set()
-    if files:
-        for name in files:
-            try:
-                with open(name) as f:
-                    kids.update(int(x) for x in f.read().split())
-            except OSError:
-                pass
-    else:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                st = _stat(int(entry))
-                if st is not None and st[1] == pid:
-                    kids.add(int(entry))
-    return kids
-
 
 def workers(pid: int) -> set[int]:
     """Live children that are workers (not multiprocessing helper processes)."""
-    return {k for k in children(pid) if alive(k)
-            and "resource_tracker" not in _cmdline(k) and "forkserver" not in _cmdline(k)}
-
-
-def _listening_inodes(port: int) -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
-                inodes.add(cols[9])
-    return inodes
+    return {k for k in proc_children(pid) if alive(k)
+            and "resource_tracker" not in proc_cmdline(k) and "forkserver" not in proc_cmdline(k)}
 
 
 def listeners_of(pid: int, port: int) -> set[str]:
     """Inodes of the sockets listening on `port` that process `pid` holds."""
-    inodes = _listening_inodes(port)
-    mine = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return mine
-    for fd in fds:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:[") and link[8:-1] in inodes:
-            mine.add(link[8:-1])
-    return mine
+    return listening_inodes(port) & socket_inodes(pid)
 
 
 def listening(pid: int, port: int) -> bool:
@@ -159,7 +86,7 @@ def test_workers_accept_as_soon_as_startup_line_is_logged(cli, upstreams):
 def test_two_workers_serve_and_sigterm_exits_0_with_workers_gone(cli, upstreams):
     ups = upstreams(3)
     p = start(cli, ups, "--workers", "2")
-    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), proc_children(p.proc.pid)
     responses = [must_get(p, f"/w{i}") for i in range(12)]
     assert all(r.status == 200 for r in responses), responses
     assert sum(len(u.requests) for u in ups) == 12
@@ -171,7 +98,7 @@ def test_two_workers_serve_and_sigterm_exits_0_with_workers_gone(cli, upstreams)
 def test_killed_worker_is_restarted_and_requests_keep_succeeding(cli, upstreams):
     ups = upstreams(3)
     p = start(cli, ups, "--workers", "2")
-    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), proc_children(p.proc.pid)
     before = workers(p.proc.pid)
     victim = min(before)
     victim_sockets = listeners_of(victim, p.port)
@@ -181,7 +108,7 @@ def test_killed_worker_is_restarted_and_requests_keep_succeeding(cli, upstreams)
     # until its listening socket is really gone too (a connection queued on it would be reset by
     # the kernel, which is no fault of the balancer).
     assert wait_until(lambda: not alive(victim)
-                      and not victim_sockets & _listening_inodes(p.port), timeout=5)
+                      and not victim_sockets & listening_inodes(p.port), timeout=5)
     # the surviving worker (or the replacement) serves everything in the meantime
     for i in range(10):
         must_get(p, f"/during{i}")
@@ -198,7 +125,7 @@ def test_killed_worker_is_restarted_and_requests_keep_succeeding(cli, upstreams)
 def test_rotation_per_worker_is_strict(cli, upstreams):
     ups = upstreams(3)
     p = start(cli, ups, "--workers", "2")
-    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+    assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), proc_children(p.proc.pid)
     # one keep-alive connection is served by one worker: strictly cyclic
     with RawClient(p.port) as client:
         seq = [port_of(client.request(b"GET /ka%d HTTP/1.1\r\nHost: t\r\n\r\n" % i))
@@ -235,50 +162,31 @@ def test_workers_auto_with_port_0(cli, upstreams):
 
 
 def test_workers_sigterm_drains_in_flight_request(cli, upstreams):
-    arrived, release = threading.Event(), threading.Event()
-
-    def slow(h, req):
-        if req.target == "/slow":
-            arrived.set()
-            release.wait(SOCKET_TIMEOUT)
-        default_handler(h, req)
-
+    slow = SlowUpstreamHandler()
     up, = upstreams(1, slow)
     try:
         p = start(cli, [up], "--workers", "2")
-        assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), children(p.proc.pid)
+        assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), proc_children(p.proc.pid)
         kids = workers(p.proc.pid)
         with RawClient(p.port) as busy:
             busy.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert arrived.wait(5)
+            assert slow.arrived.wait(5)
             os.kill(p.proc.pid, signal.SIGTERM)
             # refused once the drain started, while the request is still in flight
             assert wait_until(lambda: refuses(p.port), timeout=3), (
                 f"still accepting 3 s after SIGTERM; workers {workers(p.proc.pid)}; "
                 f"stderr:\n{p.stderr_text()}")
-            release.set()
+            slow.release.set()
             r = busy.response()
             assert r.status == 200, r
         stop_and_check_all_gone(p, kids)
     finally:
-        release.set()
-
-
+        slow.release.set()
 
 
 def _in_group(pgid: int) -> set[int]:
     """Live processes whose process group is `pgid` (the CLI process started a new session)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                found.add(int(entry))
-    return found
+    return live_processes(lambda stat: stat.pgrp == pgid)
 
 
 def test_sigterm_while_workers_are_forked_leaves_no_process(cli, upstreams):
@@ -290,7 +198,7 @@ def test_sigterm_while_workers_are_forked_leaves_no_process(cli, upstreams):
     for attempt in range(3):
         p = cli(["--host", "127.0.0.1", "--port", "0", "--workers", "16", "--health-interval", "0",
                  "--drain-timeout", "1", "--backend", up.url])
-        assert wait_until(lambda: children(p.proc.pid), timeout=10, interval=0.001), p.stderr_text()
+        assert wait_until(lambda: proc_children(p.proc.pid), timeout=10, interval=0.001), p.stderr_text()
         code = p.stop(signal.SIGTERM, timeout=15)
         assert code == 0, (attempt, code, p.stderr_text())
         assert wait_until(lambda: not _in_group(p.proc.pid), timeout=5), (attempt, _in_group(p.proc.pid))
