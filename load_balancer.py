@@ -37,30 +37,49 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import bisect
 import collections
+import datetime
 import email.utils
 import errno
+import functools
+import hmac
+import html
 import http.client
 import io
+import ipaddress
 import itertools
 import json
 import logging
 import math
+import mmap
+import operator
 import os
 import queue
 import re
 import select
+import selectors
 import signal
 import socket
 import socketserver
+import ssl
+import string
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+import urllib.parse
+from dataclasses import dataclass, field, fields, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: one worker, no instance lock
+    fcntl = None
 
 __version__ = "1.0.0"
 
@@ -105,90 +124,287 @@ MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # Linux: EPIPE instead of SIGPIPE, whoever embeds us
 TCP_INFO = getattr(socket, "TCP_INFO", 0)  # Linux: struct tcp_info, see is_reusable
 TCP_ESTABLISHED = 1
+LOG_SUMMARY_SECONDS = 5.0        # a failure that repeats is logged once, then summarised this often
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
 
 
 # ===================================================================================================
 # Configuration
 # ===================================================================================================
+# Each setting is declared once, as a Config field: its default, its help text, its flag type, its
+# check and whether a reload (SIGHUP) may change it. argparse, validation, --export and the README's
+# table are all read from these declarations.
+
+def positive(value) -> str | None:
+    return None if math.isfinite(value) and value > 0 else "must be > 0"
+
+
+def non_negative(value) -> str | None:
+    return None if math.isfinite(value) and value >= 0 else "must be >= 0"
+
+
+def at_least_one(value) -> str | None:
+    return None if value >= 1 else "must be >= 1"
+
+
+def port_number(value) -> str | None:
+    return None if value is None or 0 <= value <= 65535 else "must be a port number 0-65535"
+
+
+def absolute_path(value) -> str | None:
+    if value is None or (value.startswith("/") and not any(c in value for c in " \r\n\t#")):
+        return None
+    return "must be a path starting with '/'"
+
+
+def retry_conditions(value) -> str | None:
+    unknown = set(value.split(",")) - RETRY_CONDITIONS
+    return f"has unknown conditions {sorted(unknown)} (known: {', '.join(sorted(RETRY_CONDITIONS))})" if unknown else None
+
+
+def worker_count(text: str) -> int:
+    return (os.cpu_count() or 1) if text == "auto" else int(text)
+
+
+# HAProxy's retry-on keywords: what a request may be re-sent to the next upstream after.
+RETRY_CONDITIONS = frozenset({"conn-failure", "empty-response", "response-timeout", "none"})
+
+
+def setting(default, help: str, *, group: str = "general", type=None, check=None, choices=None,
+            metavar: str | None = None, reload: bool = False, flag: str | None = None):
+    """A Config field with what the command line, validation and reload need to know of it."""
+    return field(default=default, metadata={
+        "help": help, "group": group, "type": type, "check": check, "choices": choices,
+        "metavar": metavar, "reload": reload, "flag": flag})
+
 
 @dataclass(frozen=True)
 class Config:
     """Every setting, with its default. Command-line flags are these names with dashes."""
 
-    backends: tuple = tuple(SERVER_URLS)
-    host: str = "0.0.0.0"
-    port: int = 8080
+    backends: tuple = setting(
+        tuple(SERVER_URLS), "upstream URL[,weight=N][,backup][,name=NAME], repeatable; replaces "
+        f"SERVER_URLS ({', '.join(SERVER_URLS)})", flag="--backend", metavar="BACKEND", reload=True)
+    backends_file: str | None = setting(
+        None, "file with one backend per line (same syntax, # comments); read again on SIGHUP",
+        metavar="FILE", reload=True)
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(8080, "port to listen on (0: any free port)", type=int, check=port_number)
+    workers: int = setting(1, "processes sharing the port; 'auto' = one per CPU", type=worker_count,
+                           check=at_least_one)
     # Upstream side. nginx: proxy_connect_timeout 60s, proxy_read_timeout 60s.
-    timeout: float = 30.0          # for an upstream's response head, and between reads of its body
-    connect_timeout: float = 5.0
-    pool_size: int = 64            # idle keep-alive connections kept per upstream (Go: MaxIdleConnsPerHost)
+    timeout: float = setting(30.0, "seconds to wait for an upstream's response head, and between "
+                             "reads of its body (504 after)", group="upstream side", type=float, check=positive)
+    connect_timeout: float = setting(5.0, "seconds to wait for an upstream to accept a connection",
+                                     group="upstream side", type=float, check=positive)
+    pool_size: int = setting(64, "idle keep-alive connections kept per upstream (Go: MaxIdleConnsPerHost)",
+                             group="upstream side", type=int, check=non_negative)
+    retry_on: str = setting("conn-failure,empty-response", "when a request goes on to the next upstream "
+                            "(HAProxy retry-on): conn-failure, empty-response, response-timeout, none",
+                            group="upstream side", check=retry_conditions, metavar="LIST")
+    backend_ca: str | None = setting(None, "CA bundle that verifies https:// upstreams (default: the "
+                                     "system's trust store)", group="upstream side", metavar="FILE")
     # Client side. nginx: client_header_timeout 60s, client_body_timeout 60s, keepalive_timeout 75s.
-    header_timeout: float = 10.0   # for a new connection's first byte, and a whole head from its first
-    idle_timeout: float = 60.0     # between keep-alive requests, and between reads/writes of a body
-    max_request_line: int = 8190   # 414 above (Apache LimitRequestLine)
-    max_header_size: int = 32768   # bytes of header fields, 431 above (nginx: 4 x 8k buffers)
-    max_headers: int = 100         # header fields, 431 above (Apache LimitRequestFields)
-    max_body_size: int = 1 << 30   # bytes, 413 above; 0 = unlimited (nginx client_max_body_size)
-    max_connections: int = 1024    # concurrent client connections per worker, 503 above
-    # Health. Active checks as HAProxy's "check inter 5s rise 2 fall 3"; passive as nginx's
-    # "max_fails=1 fail_timeout=10s".
-    health_path: str = "/health"
-    health_interval: float = 5.0   # 0 turns active checks off
-    health_timeout: float = 2.0
-    rise: int = 2
-    fall: int = 3
-    max_fails: int = 1             # failed requests within fail_timeout that take an upstream out
-    fail_timeout: float = 10.0     # ... and for how long
-    # Process.
-    drain_timeout: float = 10.0    # on SIGTERM/SIGINT, how long in-flight requests may take
-    admin_host: str = "127.0.0.1"
-    admin_port: int | None = None  # GET /status as JSON; off unless set
-    workers: int = 1               # processes sharing the port through SO_REUSEPORT
-    access_log: bool = False
-    log_level: str = "info"
+    header_timeout: float = setting(10.0, "seconds for a new connection's first byte (and TLS "
+                                    "handshake), and for a whole request head (408 after)",
+                                    group="client side", type=float, check=positive)
+    idle_timeout: float = setting(60.0, "seconds a keep-alive connection may idle, or a body stall",
+                                  group="client side", type=float, check=positive)
+    tunnel_timeout: float = setting(3600.0, "seconds a WebSocket or other upgraded connection may "
+                                    "idle (HAProxy timeout tunnel)", group="client side", type=float,
+                                    check=positive)
+    max_request_line: int = setting(8190, "bytes (414 above; Apache LimitRequestLine)",
+                                    group="client side", type=int, check=at_least_one)
+    max_field_size: int = setting(8192, "bytes of one header field line (431 above; nginx "
+                                  "large_client_header_buffers 4 8k)", group="client side", type=int,
+                                  check=at_least_one)
+    max_header_size: int = setting(32768, "bytes of header fields (431 above)", group="client side",
+                                   type=int, check=at_least_one)
+    max_headers: int = setting(100, "header fields (431 above; Apache LimitRequestFields)",
+                               group="client side", type=int, check=at_least_one)
+    max_body_size: int = setting(1 << 30, "bytes of request body (413 above); 0 = unlimited",
+                                 group="client side", type=int, check=non_negative)
+    max_connections: int = setting(1024, "concurrent client connections per worker; at the cap the "
+                                   "longest-idle keep-alive one is closed, 503 when all are busy",
+                                   group="client side", type=int, check=at_least_one)
+    tls_cert: str | None = setting(None, "certificate chain (PEM): the listener speaks HTTPS; read "
+                                   "again on SIGHUP", group="client side", metavar="FILE", reload=True)
+    tls_key: str | None = setting(None, "private key (PEM) for --tls-cert", group="client side",
+                                  metavar="FILE", reload=True)
+    redirect_http_port: int | None = setting(None, "with --tls-cert: a plain-HTTP port that answers "
+                                             "308 to the https:// URL", group="client side", type=int,
+                                             check=port_number, metavar="PORT")
+    # Health. Active checks as HAProxy's "check inter 5s rise 2 fall 3" (a TCP connect without a
+    # path, an HTTP GET with one); passive as Envoy's consecutive gateway failures.
+    health_path: str | None = setting(None, "HTTP path of the active check (a 2xx or 3xx passes); "
+                                      "without it the check is a TCP connect", group="health",
+                                      check=absolute_path, metavar="PATH")
+    health_interval: float = setting(5.0, "seconds between active checks; 0 = off", group="health",
+                                     type=float, check=non_negative)
+    health_timeout: float = setting(2.0, "seconds an active check may take", group="health",
+                                    type=float, check=positive)
+    rise: int = setting(2, "passed checks to come back up", group="health", type=int, check=at_least_one)
+    fall: int = setting(3, "failed checks to go down", group="health", type=int, check=at_least_one)
+    max_fails: int = setting(5, "consecutive failed requests that take an upstream out",
+                             group="health", type=int, check=at_least_one)
+    fail_timeout: float = setting(10.0, "seconds an upstream stays out after --max-fails",
+                                  group="health", type=float, check=positive)
+    # Operations.
+    drain_timeout: float = setting(10.0, "seconds in-flight requests may take after SIGTERM, SIGINT "
+                                   "or SIGQUIT", group="operations", type=float, check=non_negative)
+    admin_host: str = setting("127.0.0.1", "address of the admin listener", group="operations")
+    admin_port: int | None = setting(None, "port for /status, /metrics, the dashboard and the "
+                                     "admin API; off unless given", group="operations", type=int,
+                                     check=port_number, metavar="PORT")
+    admin_token: str | None = setting(None, "bearer token every admin POST must carry (required "
+                                      "when --admin-host is not a loopback address)",
+                                      group="operations", metavar="TOKEN")
+    access_log: bool = setting(False, "log every request", group="operations", type=bool)
+    access_log_format: str = setting("short", "access log line", group="operations",
+                                     choices=("short", "common", "combined", "json"))
+    log_level: str = setting("info", "logging level", group="operations",
+                             choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self):
-        """Refuse impossible settings with a one-line reason naming the flag (ValueError)."""
+        """Refuse impossible settings with a one-line reason naming the flag (ValueError), and
+        read --backends-file (its errors name the line)."""
+        for item in fields(self):
+            check, choices = item.metadata.get("check"), item.metadata.get("choices")
+            value = getattr(self, item.name)
+            if value is None:
+                continue
+            problem = check(value) if check else None
+            if choices and value not in choices:
+                problem = f"must be one of {', '.join(choices)}"
+            if problem:
+                raise ValueError(f"{flag_of(item)} {problem}, got {value}")
+        if self.backends_file is not None:
+            object.__setattr__(self, "backends", read_backends_file(self.backends_file))
         if not self.backends:
             raise ValueError("at least one --backend is needed")
-        for url in self.backends:
-            parse_backend_url(url)
-        ranges = (
-            ((">", 0), ("timeout", "connect_timeout", "header_timeout", "idle_timeout",
-                        "health_timeout", "fail_timeout")),
-            ((">=", 0), ("health_interval", "drain_timeout", "max_body_size", "pool_size")),
-            ((">=", 1), ("max_request_line", "max_header_size", "max_headers", "max_connections",
-                         "rise", "fall", "max_fails", "workers")),
-        )
-        for (relation, least), names in ranges:
-            for name in names:
-                value = getattr(self, name)
-                if not math.isfinite(value):
-                    raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-                if value < least or (relation == ">" and value == least):
-                    raise ValueError(f"--{name.replace('_', '-')} must be {relation} {least}, got {value}")
-        for name in ("port", "admin_port"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= 65535:
-                raise ValueError(f"--{name.replace('_', '-')} must be a port number 0-65535, got {value}")
-        if not self.health_path.startswith("/") or any(c in self.health_path for c in " \r\n\t"):
-            raise ValueError(f"--health-path must be a path starting with '/', got {self.health_path!r}")
+        object.__setattr__(self, "backend_specs", parse_backends(self.backends))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.redirect_http_port is not None and self.tls_cert is None:
+            raise ValueError("--redirect-http-port needs --tls-cert")
+        if self.admin_port is not None and not self.admin_token and not is_loopback(self.admin_host):
+            raise ValueError(f"--admin-host {self.admin_host} is not a loopback address: give "
+                             "--admin-token too, or anyone who can reach it can drain your upstreams")
+
+    @property
+    def retry_conditions(self) -> frozenset:
+        return frozenset(self.retry_on.split(","))
+
+    def reloaded(self) -> Config:
+        """The same settings with what a reload may change read again (--backends-file)."""
+        return replace(self)
+
+
+def flag_of(item) -> str:
+    return item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One upstream as configured: ``URL[,weight=N][,backup][,name=NAME]``."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    netloc: str        # host[:port] as written: the Host header sent upstream
+    name: str          # host:port as written, unless name= says otherwise
+    weight: int = 1
+    backup: bool = False
+
+
+BACKEND_NAME = re.compile(r"[A-Za-z0-9._:\[\]~-]{1,100}")
+MAX_WEIGHT = 256  # HAProxy's range; weight 0 is spelled "maint" here (the admin API)
+
+
+def parse_backend(text: str) -> BackendSpec:
+    """``http://10.0.0.5:8000,weight=3,backup,name=a`` -> BackendSpec; ValueError with a one-line
+    reason otherwise."""
+    url, *options = [part.strip() for part in text.strip().split(",")]
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    except ValueError as error:
+        raise ValueError(f"invalid backend URL {url!r}: {error}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"invalid backend URL {url!r}: only http:// and https:// upstreams are supported")
+    if parts.username is not None or "@" in parts.netloc:
+        raise ValueError(f"invalid backend URL {url!r}: credentials in backend URLs are not supported")
+    if not parts.hostname or not HOST.fullmatch(parts.netloc.encode("utf-8", "replace")):
+        raise ValueError(f"invalid backend URL {url!r}: no valid host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"invalid backend URL {url!r}: give scheme, host and port only (no path)")
+    host_port = parts.netloc if parts.port else f"{parts.netloc}:{port}"
+    values = {"weight": 1, "backup": False, "name": host_port}
+    for option in options:
+        key, equals, value = option.partition("=")
+        if key == "backup" and not equals:
+            values["backup"] = True
+        elif key == "weight" and equals:
+            if not value.isdigit() or not 1 <= int(value) <= MAX_WEIGHT:
+                raise ValueError(f"invalid backend {text!r}: weight must be 1-{MAX_WEIGHT}, got {value!r}")
+            values["weight"] = int(value)
+        elif key == "name" and equals:
+            if not BACKEND_NAME.fullmatch(value):
+                raise ValueError(f"invalid backend {text!r}: a name is 1-100 of A-Z a-z 0-9 . _ : ~ - [ ]")
+            values["name"] = value
+        else:
+            raise ValueError(f"invalid backend {text!r}: unknown option {option!r} "
+                             "(known: weight=N, backup, name=NAME)")
+    return BackendSpec(url=url.rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port,
+                       netloc=parts.netloc, **values)
+
+
+def parse_backends(texts) -> tuple:
+    specs = tuple(parse_backend(text) for text in texts)
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"two backends are named {name!r}: give one of them name=...")
+    return specs
+
+
+def read_backends_file(path: str) -> tuple:
+    """The backends of a --backends-file: one per line, # comments, blank lines ignored. Errors
+    name the file and line."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read --backends-file {path}: {describe_os_error(error)}") from None
+    backends = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            parse_backend(text)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+        backends.append(text)
+    if not backends:
+        raise ValueError(f"{path}: no backend in the file")
+    return tuple(backends)
 
 
 def parse_backend_url(url: str) -> tuple[str, int]:
     """``http://host[:port]`` -> (host, port); ValueError with a one-line reason otherwise."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 80
-    except ValueError as error:
-        raise ValueError(f"invalid backend URL {url!r}: {error}") from None
-    if parts.scheme != "http":
-        raise ValueError(f"invalid backend URL {url!r}: only http:// upstreams are supported")
-    if not parts.hostname or not HOST.fullmatch(parts.netloc.encode("utf-8", "replace")):
-        raise ValueError(f"invalid backend URL {url!r}: no valid host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"invalid backend URL {url!r}: give scheme, host and port only")
-    return parts.hostname, port
+    spec = parse_backend(url)
+    return spec.host, spec.port
 
 
 # ===================================================================================================
@@ -196,12 +412,14 @@ def parse_backend_url(url: str) -> tuple[str, int]:
 # ===================================================================================================
 
 class HTTPError(Exception):
-    """A message that breaks the protocol or a limit. For a request, `status` is the answer."""
+    """A message that breaks the protocol or a limit. For a request, `status` is the answer;
+    `head`, what was read of the head (for the log line of a refused request)."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, head: bytes | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.head = head
 
 
 # Hop-by-hop header fields (RFC 9110 section 7.6.1) describe one connection, not the message: they
@@ -216,19 +434,24 @@ HOP_BY_HOP = frozenset({
     b"te",
     b"trailer",              # "Trailer", not "Trailers" (RFC 7230 erratum 4522)
     b"transfer-encoding",    # every body is re-framed by the balancer itself
-    b"upgrade",              # protocol switches (websocket, h2c) are not tunnelled
+    b"upgrade",              # rebuilt for an upgrade that is tunnelled (Go does the same)
 })
-# Toward the upstream, the balancer also writes these itself: Host (first, RFC 9112 section 3.2),
-# the framing header, and X-Forwarded-* (a client's own X-Forwarded-Host/Proto are not trusted;
-# its X-Forwarded-For is kept and extended). Expect is answered here, not forwarded (as nginx).
+# Toward the upstream, the balancer also writes these itself: Host (first, as Go writes it), the
+# framing header (where the client had it), Expect (forwarded when the body is still to come, as
+# Go and HAProxy do), and X-Forwarded-* (a client's own X-Forwarded-Host/Proto are not trusted;
+# its X-Forwarded-For is kept, where it was, and extended).
 DROP_TO_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
                                  b"x-forwarded-host", b"x-forwarded-proto"}
 DROP_TO_CLIENT = HOP_BY_HOP | {b"content-length"}
+FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
 
 # The header fields whose values the proxy itself needs to read.
 REQUEST_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
-                            b"expect", b"x-forwarded-for"})
-RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date"})
+                            b"expect", b"x-forwarded-for", b"upgrade"})
+RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"date",
+                             b"upgrade"})
+# An upgrade token is a protocol name with an optional version (RFC 9110 section 7.8).
+UPGRADE_VALUE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
 
 # Body framing (RFC 9112 section 6.3).
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
@@ -347,7 +570,7 @@ class Request:
     """A request head that passed every check, with what the proxy needs already worked out."""
 
     __slots__ = ("method", "target", "version", "fields", "host", "framing", "length", "keep_alive",
-                 "expect_continue", "connection_tokens", "forwarded_for")
+                 "expect_continue", "connection_tokens", "forwarded_for", "upgrade")
 
     @property
     def headers(self) -> Headers:
@@ -386,6 +609,8 @@ def parse_request_head(head: bytes, config: Config) -> Request:
             authority, target = split_absolute_form(target)
     if sum(len(line) + 2 for line in lines) - len(request_line) - 2 > config.max_header_size:
         raise HTTPError(431, f"header fields larger than {config.max_header_size} bytes")
+    if len(lines) > 1 and max(map(len, itertools.islice(lines, 1, None))) > config.max_field_size:
+        raise HTTPError(431, f"a header field longer than {config.max_field_size} bytes")
     fields, values = parse_fields(lines, REQUEST_FIELDS, config.max_headers)
 
     request = Request()
@@ -413,9 +638,26 @@ def parse_request_head(head: bytes, config: Config) -> Request:
     if b"expect" in values:
         if comma_list(values[b"expect"]) != [b"100-continue"]:
             raise HTTPError(417, "only Expect: 100-continue is supported")
-        request.expect_continue = request.framing != NO_BODY
+        # RFC 9110 section 10.1.1: an HTTP/1.0 client's Expect is ignored.
+        request.expect_continue = request.framing != NO_BODY and version == b"HTTP/1.1"
     request.forwarded_for = values.get(b"x-forwarded-for")
+    request.upgrade = upgrade_protocol(request, values.get(b"upgrade"))
     return request
+
+
+def upgrade_protocol(request: Request, offers: list | None) -> bytes | None:
+    """The protocol a request asks to switch to (RFC 9110 section 7.8), when it is one the
+    balancer tunnels: asked by an HTTP/1.1 request without a body, with Connection: upgrade. h2c
+    is never upgraded (an h2c upgrade through a proxy smuggles requests past it); such a request
+    goes on as a plain one, its Upgrade removed."""
+    if not offers or b"upgrade" not in request.connection_tokens or request.version != b"HTTP/1.1":
+        return None
+    value = b", ".join(offer.strip(b" \t") for offer in offers)
+    protocols = comma_list(offers)
+    if request.framing != NO_BODY or b"h2c" in protocols or not all(
+            UPGRADE_VALUE.fullmatch(p) for p in protocols):
+        return None
+    return value
 
 
 def split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
@@ -465,7 +707,7 @@ class ResponseHead:
     """A response head that passed every check."""
 
     __slots__ = ("status", "reason", "version", "fields", "framing", "length", "keep_alive",
-                 "connection_tokens", "content_length", "has_date")
+                 "connection_tokens", "content_length", "has_date", "upgrade")
 
 
 def parse_response_head(head: bytes, request_method: bytes, config: Config) -> ResponseHead:
@@ -486,6 +728,7 @@ def parse_response_head(head: bytes, request_method: bytes, config: Config) -> R
         response.reason = match.group(3) or b""
         response.fields = fields
         response.has_date = b"date" in values
+        response.upgrade = values.get(b"upgrade")
         tokens = frozenset(comma_list(values[b"connection"])) if b"connection" in values else frozenset()
         response.connection_tokens = tokens
         response.keep_alive = (b"close" not in tokens if response.version == 11
@@ -511,27 +754,48 @@ def parse_response_head(head: bytes, request_method: bytes, config: Config) -> R
         raise HTTPError(502, error.detail) from None
 
 
-def headers_for_upstream(request: Request, client_ip: bytes, default_host: bytes) -> bytes:
-    """The head sent upstream: hop-by-hop fields removed, then Host, framing and X-Forwarded-* set,
-    after the removal, so that a client cannot strip them by naming them in Connection."""
+def headers_for_upstream(request: Request, client_ip: bytes, default_host: bytes, *,
+                         proto: bytes = b"http", expect: bool = False) -> bytes:
+    """The head sent upstream: hop-by-hop fields removed, then Host, framing, Expect and
+    X-Forwarded-* set, after the removal, so that a client cannot strip them by naming them in
+    Connection. Fields keep their order: the framing field and X-Forwarded-For stay where the
+    client put them. An upgrade that is tunnelled gets its Connection and Upgrade back."""
     drop = DROP_TO_UPSTREAM | request.connection_tokens if request.connection_tokens else DROP_TO_UPSTREAM
     lines = [b"%s %s HTTP/1.1" % (request.method, request.target), b"Host: " + (request.host or default_host)]
-    lines += [line for lname, line in request.fields if lname not in drop]
+    framing = (b"Content-Length: %d" % request.length if request.framing == LENGTH else
+               b"Transfer-Encoding: chunked" if request.framing == CHUNKED else None)
     prior = request.forwarded_for
-    lines.append(b"X-Forwarded-For: " + (b", ".join(prior) + b", " + client_ip if prior else client_ip))
+    forwarded = b"X-Forwarded-For: " + (b", ".join(prior) + b", " + client_ip if prior else client_ip)
+    for lname, line in request.fields:
+        if lname not in drop:
+            lines.append(line)
+        elif lname in FRAMING_FIELDS and framing:
+            lines.append(framing)
+            framing = None
+        elif lname == b"x-forwarded-for" and forwarded:
+            lines.append(forwarded)
+            forwarded = None
+        elif lname == b"expect" and expect:
+            lines.append(b"Expect: 100-continue")
+            expect = False
+    if forwarded:
+        lines.append(forwarded)
     if request.host:
         lines.append(b"X-Forwarded-Host: " + request.host)
-    lines.append(b"X-Forwarded-Proto: http")
-    if request.framing == LENGTH:
-        lines.append(b"Content-Length: %d" % request.length)
-    elif request.framing == CHUNKED:
-        lines.append(b"Transfer-Encoding: chunked")
+    lines.append(b"X-Forwarded-Proto: " + proto)
+    if framing:
+        lines.append(framing)
+    if request.upgrade:
+        lines.append(b"Connection: upgrade")
+        lines.append(b"Upgrade: " + request.upgrade)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
 
 
-def headers_for_client(response: ResponseHead, *, chunked: bool, keep_alive: bool, http10: bool) -> bytes:
-    """The head sent to the client: the upstream's fields minus hop-by-hop ones, re-framed."""
+def headers_for_client(response: ResponseHead, *, chunked: bool, keep_alive: bool, http10: bool,
+                       upgrade: bytes | None = None) -> bytes:
+    """The head sent to the client: the upstream's fields minus hop-by-hop ones, re-framed. A 101
+    gets its Connection and Upgrade back (the protocol that was asked for)."""
     drop = DROP_TO_CLIENT | response.connection_tokens if response.connection_tokens else DROP_TO_CLIENT
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason)]
     lines += [line for lname, line in response.fields if lname not in drop]
@@ -542,7 +806,10 @@ def headers_for_client(response: ResponseHead, *, chunked: bool, keep_alive: boo
         lines.append(b"Transfer-Encoding: chunked")
     if not response.has_date or b"date" in response.connection_tokens:  # RFC 9110 section 6.6.1
         lines.append(b"Date: " + http_date())
-    if not keep_alive:
+    if upgrade:
+        lines.append(b"Connection: upgrade")
+        lines.append(b"Upgrade: " + upgrade)
+    elif not keep_alive:
         lines.append(b"Connection: close")
     elif http10:
         lines.append(b"Connection: keep-alive")
@@ -580,9 +847,10 @@ def read_head(reader: io.BufferedReader, max_size: int, max_line: int, deadline:
     Returns None at a clean end of stream before the first byte. The wait for the first byte is the
     caller's (its socket timeout); from the first byte on, the whole head must arrive before
     `deadline` (time.monotonic), or HTTPError(408) -- against clients that send a byte at a time.
-    Errors: 431 too large, 414 first line too long, 400 incomplete, bare LF line ends, or a
-    start that no request (a method) or response ("HTTP/") begins with: a TLS handshake sent to
-    this plain-HTTP port is answered at once instead of at the deadline."""
+    Errors: 431 too large, 414 first line too long, 400 incomplete, bare LF line ends, a start
+    that no request (a method) or response ("HTTP/") begins with (a TLS handshake sent to a
+    plain-HTTP port), or a request line without a version (HTTP/0.9): answered at once rather
+    than at the deadline. An error carries what was read, for the log."""
     data = reader.peek(1)
     for _ in range(MAX_LEADING_EMPTY_LINES):
         if data[:1] != b"\r":
@@ -598,37 +866,44 @@ def read_head(reader: io.BufferedReader, max_size: int, max_line: int, deadline:
     if 0 <= end <= max_size - 4:
         return reader.read(end + 4)  # the whole head was in one read: the usual case
     head = bytearray()
-    while True:
-        start = max(len(head) - 3, 0)
-        head += data
-        end = head.find(b"\r\n\r\n", start)
-        if end >= 0:
-            reader.read(end + 4 - (len(head) - len(data)))
-            del head[end + 4:]
+    try:
+        while True:
+            start = max(len(head) - 3, 0)
+            head += data
+            end = head.find(b"\r\n\r\n", start)
+            if end >= 0:
+                reader.read(end + 4 - (len(head) - len(data)))
+                del head[end + 4:]
+                if len(head) > max_size:
+                    break
+                return bytes(head)
+            reader.read(len(data))  # the buffer is now empty: the next peek reads the socket once
             if len(head) > max_size:
                 break
-            return bytes(head)
-        reader.read(len(data))  # the buffer is now empty: the next peek reads the socket once
-        if len(head) > max_size:
-            break
-        if (head[:5] != b"HTTP/"[:len(head)]) if response else head[:1].translate(None, TCHAR):
-            raise HTTPError(400, "not an HTTP message")
-        lf_pending = len(head) == max_line + 1 and head.endswith(b"\r")  # a line of exactly max_line
-        if head.find(b"\r\n", 0, max_line + 2) < 0 and len(head) > max_line and not lf_pending:
-            raise HTTPError(414, f"request line longer than {max_line} bytes")
-        if head.count(b"\n") != head.count(b"\r\n"):  # the CRLF CRLF ending might never come
-            raise HTTPError(400, "bare LF line ends (RFC 9112 section 2.2)")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise HTTPError(408, "head not complete in time")
-        set_timeout(remaining)
-        try:
-            data = reader.peek(1)
-        except socket.timeout:
-            raise HTTPError(408, "head not complete in time") from None
-        if not data:
-            raise HTTPError(400, "connection closed in the middle of a head")
-    raise HTTPError(431, f"head larger than {max_size} bytes")
+            if (head[:5] != b"HTTP/"[:len(head)]) if response else head[:1].translate(None, TCHAR):
+                raise HTTPError(400, "not an HTTP message")
+            line_end = head.find(b"\r\n", 0, max_line + 2)
+            if not response and line_end >= 0 and head.count(b" ", 0, line_end) != 2:
+                raise HTTPError(400, "malformed request line (HTTP/0.9 is not supported)")
+            lf_pending = len(head) == max_line + 1 and head.endswith(b"\r")  # a line of exactly max_line
+            if line_end < 0 and len(head) > max_line and not lf_pending:
+                raise HTTPError(414, f"request line longer than {max_line} bytes")
+            if head.count(b"\n") != head.count(b"\r\n"):  # the CRLF CRLF ending might never come
+                raise HTTPError(400, "bare LF line ends (RFC 9112 section 2.2)")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HTTPError(408, "head not complete in time")
+            set_timeout(remaining)
+            try:
+                data = reader.peek(1)
+            except socket.timeout:
+                raise HTTPError(408, "head not complete in time") from None
+            if not data:
+                raise HTTPError(400, "connection closed in the middle of a head")
+    except HTTPError as error:
+        error.head = bytes(head)
+        raise
+    raise HTTPError(431, f"head larger than {max_size} bytes", bytes(head))
 
 
 def parse_chunk_size(line: bytes) -> int:
@@ -741,7 +1016,47 @@ def _skip_trailer(reader, max_trailer: int) -> None:
             raise ReadError(error) from error
 
 
-# --- Socket timeouts --------------------------------------------------------------------------------
+def decode_buffered_chunked(data: bytes, limit: int) -> tuple[bytes, int] | None:
+    """A chunked body that is complete in `data` (already received): (decoded body, bytes it
+    took), or None when it is not all there or decodes to more than `limit` bytes. Checked as
+    strictly as copy_body checks it (HTTPError)."""
+    body = bytearray()
+    position = 0
+    while True:
+        line_end = data.find(b"\r\n", position, position + MAX_CHUNK_LINE)
+        if line_end < 0:
+            if len(data) - position >= MAX_CHUNK_LINE:
+                raise HTTPError(400, "chunk size line too long")
+            return None
+        size = parse_chunk_size(data[position:line_end + 2])
+        position = line_end + 2
+        if not size:
+            break
+        if len(body) + size > limit or len(data) < position + size + 2:
+            return None
+        body += data[position:position + size]
+        if data[position + size:position + size + 2] != b"\r\n":
+            raise HTTPError(400, "chunk data not followed by CRLF")
+        position += size + 2
+    while True:  # the trailer section, checked and dropped
+        line_end = data.find(b"\r\n", position)
+        if line_end < 0:
+            return None
+        line = data[position:line_end]
+        position = line_end + 2
+        if not line:
+            return bytes(body), position
+        check_head_bytes(line + b"\r\n")
+        parse_fields([b"", line], frozenset(), 1)
+
+
+# ===================================================================================================
+# Streams: one per connection, plain or TLS, the same methods
+# ===================================================================================================
+# Handlers and upstream connections never touch a file descriptor: they read, write, time out and
+# check for reuse through a Stream. The plain one keeps the fast paths (kernel timeouts, libc send
+# keeping the GIL, TCP_INFO); the TLS one uses the SSLSocket's own methods and pending(), since the
+# kernel only sees ciphertext there (a libc send on its descriptor would bypass TLS).
 
 if sys.platform.startswith("linux"):
     # Kernel timeouts on blocking sockets: each read or write is one system call. Python's own
@@ -755,8 +1070,6 @@ else:
     def set_timeout(sock: socket.socket, seconds: float) -> None:
         sock.settimeout(seconds)
 
-
-# --- Sending without giving up the GIL ------------------------------------------------------------
 
 def libc_send():
     """libc's send(2) through ctypes.PyDLL, which keeps the GIL during the call, or None.
@@ -784,7 +1097,7 @@ LIBC_SEND = libc_send()
 def send_now(sock: socket.socket, data, keep_gil: bool = True) -> int:
     """Send what the kernel takes at once, never blocking: the number of bytes sent. 0 also when
     the send failed: the caller's blocking send of the rest reports the error. `keep_gil=False`
-    lets other threads run during the system call (see FairGate.keep_gil)."""
+    lets other threads run during the system call (see FairGate.keep_gil). Plain sockets only."""
     if keep_gil and LIBC_SEND is not None and type(data) is bytes:
         return max(LIBC_SEND(sock.fileno(), data, len(data), MSG_DONTWAIT | MSG_NOSIGNAL), 0)
     if not MSG_DONTWAIT:
@@ -795,22 +1108,222 @@ def send_now(sock: socket.socket, data, keep_gil: bool = True) -> int:
         return 0
 
 
-class SocketReader(io.RawIOBase):
-    """The raw stream under a BufferedReader: one recv per read, a kernel timeout reported as
-    socket.timeout (socket.makefile would turn it into an end of stream), and a position, so that
-    ``unread(reader)`` can tell how many bytes wait in the buffer without reading the socket."""
+class Stream:
+    """A plain TCP connection. Blocking, with kernel timeouts (see set_timeout)."""
+
+    tls = False
+    scheme = "http"
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.timeout_now = 0.0
+        self.reader = io.BufferedReader(SocketReader(self), READ_BUFFER)
+        self._poller = None
+        self.write_closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def set_timeout(self, seconds: float) -> None:
+        if seconds != self.timeout_now:
+            set_timeout(self.sock, seconds)
+            self.timeout_now = seconds
+
+    def send_now(self, data, keep_gil: bool = True) -> int:
+        return send_now(self.sock, data, keep_gil)
+
+    def sendall(self, data) -> None:
+        self.sock.sendall(data)
+
+    def recv_into(self, buffer) -> int:
+        return self.sock.recv_into(buffer)
+
+    def pending(self) -> int:
+        """Bytes decoded and waiting above the socket (TLS records); none for plain TCP."""
+        return 0
+
+    def is_reusable(self) -> bool:
+        """An idle connection with something to read was closed by the peer (or is out of step
+        with it: bytes nobody asked for would become the next client's answer). On Linux, TCP_INFO
+        says it without a system call that gives up the GIL: the connection must still be
+        ESTABLISHED and the kernel must have received no byte that was not read
+        (tcpi_bytes_received, Linux 4.1+). Elsewhere poll(0) says whether anything is waiting."""
+        if TCP_INFO:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 136)
+            if len(info) >= 136:
+                return info[0] == TCP_ESTABLISHED and (
+                    int.from_bytes(info[128:136], sys.byteorder) == self.reader.raw.received)
+        return not self.readable_now()
+
+    def readable_now(self) -> bool:
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN)
+        return bool(self._poller.poll(0))
+
+    def has_data(self) -> bool:
+        """Is there something to read (bytes, or the end) without waiting?"""
+        return bool(unread(self.reader)) or self.readable_now()
+
+    def write_watching(self, data, answered, timeout: float) -> None:
+        """Write all of `data`, waiting for room as long as `timeout` allows, but raise
+        EarlyResponse(head) as soon as `answered()` returns a response head: an upstream that has
+        answered may never read the rest (who calls: ProxyHandler.write_upstream)."""
+        view = memoryview(data)
+        sent = self.send_now(data, keep_gil=False)
+        if sent == len(view):
+            return
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT | select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while sent < len(view):
+            remaining = deadline - time.monotonic()
+            events = poller.poll(max(remaining, 0) * 1000)
+            if not events:
+                raise socket.timeout("timed out")
+            if events[0][1] & select.POLLIN:
+                head = answered()
+                if head is not None:
+                    raise EarlyResponse(head)
+                poller.modify(self.sock, select.POLLOUT)  # read what there was: the end, or no answer yet
+            try:
+                sent += self.sock.send(view[sent:], MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+
+    def shutdown(self, how: int) -> None:
+        """Shut the socket down under whatever uses it (for TLS too: the base class's method, which
+        leaves the SSL object in place)."""
+        try:
+            socket.socket.shutdown(self.sock, how)
+        except OSError:
+            pass
+
+    def shutdown_write(self) -> None:
+        """Pass an end of stream on (a half-close), once."""
+        if not self.write_closed:
+            self.write_closed = True
+            self.shutdown(socket.SHUT_WR)
+
+    def set_nonblocking(self) -> None:
+        self.sock.setblocking(False)
+        self.timeout_now = -1.0
+
+    def read_nonblocking(self, buffer) -> int | None:
+        """What can be read now; None when nothing waits, 0 at the end of the stream."""
+        try:
+            return self.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def write_nonblocking(self, data) -> int:
+        """What the socket takes now (0: nothing). TLS: call again with the same bytes."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TLSStream(Stream):
+    """A TLS connection (ssl.SSLSocket), in Python's timeout mode: the kernel's byte counts and
+    readiness are ciphertext, so reuse checks and reads go through the SSLSocket."""
+
+    tls = True
+    scheme = "https"
+
+    def set_timeout(self, seconds: float) -> None:
+        if seconds != self.timeout_now:
+            self.sock.settimeout(max(seconds, 0.001))
+            self.timeout_now = seconds
+
+    def send_now(self, data, keep_gil: bool = True) -> int:
+        return 0  # a TLS record is written whole by sendall, never in part
+
+    def pending(self) -> int:
+        return self.sock.pending()
+
+    def is_reusable(self) -> bool:
+        return not self.has_data()
+
+    def has_data(self) -> bool:
+        """Application data (or the end) waiting. What polls as readable may be TLS 1.3 session
+        tickets, sent unasked after the handshake: a non-blocking read tells them apart."""
+        if unread(self.reader) or self.sock.pending():
+            return True
+        if not self.readable_now():
+            return False
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            self.reader.peek(1)
+            return True
+        except socket.timeout:
+            return False
+        except OSError:
+            return True  # an error waits: whoever reads next reports it
+        finally:
+            self.sock.settimeout(timeout)
+
+    def write_watching(self, data, answered, timeout: float) -> None:
+        """As Stream.write_watching. A TLS record that did not fit is written again, the same
+        bytes (OpenSSL's rule), after each short wait that finds no answer."""
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        saved = self.sock.gettimeout()
+        self.sock.settimeout(0.2)
+        try:
+            while view:
+                piece = view[:16384]
+                try:
+                    self.sock.sendall(piece)
+                    view = view[len(piece):]
+                except socket.timeout:
+                    head = answered()
+                    if head is not None:
+                        raise EarlyResponse(head) from None
+                    if time.monotonic() >= deadline:
+                        raise
+        finally:
+            self.sock.settimeout(saved)
+
+    def shutdown_write(self) -> None:
+        self.write_closed = True  # TLS cannot half-close without close_notify, which ends reading too
+
+    def read_nonblocking(self, buffer) -> int | None:
+        try:
+            return self.sock.recv_into(buffer)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+
+    def write_nonblocking(self, data) -> int:
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return 0
+
+
+class SocketReader(io.RawIOBase):
+    """The raw stream under a BufferedReader: one recv per read, a timeout reported as
+    socket.timeout (socket.makefile would turn it into an end of stream), and a position, so that
+    ``unread(reader)`` can tell how many bytes wait in the buffer without reading the socket."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
         self.received = 0
+        self.watch = None  # called before each read, see ProxyHandler.wait_for_body
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self.watch is not None:
+            self.watch(self.stream)
         try:
-            n = self.sock.recv_into(buffer)
-        except BlockingIOError:
+            n = self.stream.recv_into(buffer)
+        except (BlockingIOError, ssl.SSLWantReadError):
             raise socket.timeout("timed out") from None
         self.received += n
         return n
@@ -822,10 +1335,6 @@ class SocketReader(io.RawIOBase):
 def unread(reader: io.BufferedReader) -> int:
     """Bytes received and buffered but not yet read (BufferedReader.tell = raw position - those)."""
     return reader.raw.received - reader.tell()
-
-
-def socket_reader(sock: socket.socket, size: int) -> io.BufferedReader:
-    return io.BufferedReader(SocketReader(sock), size)
 
 
 class BufferPool:
@@ -849,162 +1358,541 @@ class BufferPool:
 copy_buffers = BufferPool()
 
 
+def socket_reader(sock: socket.socket, size: int = READ_BUFFER) -> io.BufferedReader:
+    """A reader over a plain socket (tests and tools)."""
+    return io.BufferedReader(SocketReader(Stream(sock)), size)
+
+
+
+# ===================================================================================================
+# Shared state: one block of memory for every process of a balancer
+# ===================================================================================================
+# With --workers N, N processes serve one balancer. What belongs to the balancer rather than to a
+# process lives in one block of shared memory: the backend set (written by the process that owns
+# it: the supervisor), each upstream's state (health by the owner's checker; passive ejections by
+# any worker; drain and maint by the admin API), and one counter block per worker, written by that
+# worker only. The owner adds the blocks up for /status and /metrics, so every scrape is exact, and
+# a worker that dies loses nothing it counted: its block outlives it. Counters take no lock across
+# processes (each block has one writing process); state changes are rare and take SharedLock.
+# With one worker the same block is private memory of one process.
+
+MAX_UPSTREAMS = 256  # distinct backend names over a balancer's life; slot 0 counts its own answers
+METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"other")
+METHOD_INDEX = {method: index for index, method in enumerate(METHODS[:-1])}
+STATUS_CODES = tuple(sorted({int(status) for status in HTTPStatus}))
+CODE_INDEX = {code: index for index, code in enumerate(STATUS_CODES)}
+N_CODES = len(STATUS_CODES) + 5  # codes without a name (299, 599) are counted per class: "2xx"
+# Latency buckets (seconds), ten a decade from 0.1 ms to 60 s: fine enough for a p99 over the last
+# minute. /metrics exports the subset EXPORTED_BOUNDS, the usual Prometheus boundaries.
+LATENCY_BOUNDS = tuple(bound for bound in (round(m * 10.0 ** e, 6) for e in range(-4, 2)
+                                           for m in (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8)) if bound <= 60)
+EXPORTED_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+ERROR_KINDS = ("connect", "tls", "timeout", "closed", "invalid", "body")
+
+# The header: generations that tell every process to look again.
+H_GENERATION, H_TLS_GENERATION, H_RESOLVE_GENERATION, H_CONFIG_LENGTH = range(4)
+HEADER_INTS = 8
+CONFIG_BYTES = 64 * 1024
+# Each upstream slot's state.
+(S_IN_USE, S_HEALTH, S_ADMIN, S_EJECTED_UNTIL, S_EJECTED_UNTIL_WALL, S_CONSECUTIVE_FAILURES,
+ S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH) = range(11)
+STATE_INTS = 12
+REASON_BYTES = 240
+HEALTH_STATES = ("unchecked", "up", "down")
+ADMIN_STATES = ("ready", "drain", "maint")
+# Each worker's block: its process, then one record per upstream slot.
+(P_PID, P_CONNECTIONS, P_IN_FLIGHT, P_RESPONSES, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP,
+ P_TUNNEL_BYTES_DOWN, P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(12)
+PROCESS_INTS = 16
+U_CODES = 0
+U_HISTOGRAM = U_CODES + len(METHODS) * N_CODES
+U_LATENCY_SUM = U_HISTOGRAM + len(LATENCY_BOUNDS) + 1   # microseconds
+U_ERRORS = U_LATENCY_SUM + 1
+U_RETRIES = U_ERRORS + len(ERROR_KINDS)
+U_ATTEMPTS = U_RETRIES + 1
+U_IN_FLIGHT = U_ATTEMPTS + 1
+U_IDLE = U_IN_FLIGHT + 1
+UPSTREAM_INTS = U_IDLE + 1
+WORKER_INTS = PROCESS_INTS + (MAX_UPSTREAMS + 1) * UPSTREAM_INTS
+
+
+def monotonic_us() -> int:
+    """CLOCK_MONOTONIC in microseconds: one clock for every process of the machine."""
+    return int(time.monotonic() * 1e6)
+
+
+def code_index(status: int) -> int:
+    index = CODE_INDEX.get(status)
+    return len(STATUS_CODES) + min(max(status // 100, 1), 5) - 1 if index is None else index
+
+
+def code_label(index: int) -> str:
+    return str(STATUS_CODES[index]) if index < len(STATUS_CODES) else f"{index - len(STATUS_CODES) + 1}xx"
+
+
+class SharedLock:
+    """A lock for every thread of every process of one balancer: a threading.Lock inside the
+    process, and a POSIX record lock (lockf) across processes, which the kernel releases when its
+    holder dies, so a killed worker cannot leave the others waiting."""
+
+    def __init__(self, file=None):
+        self.file = file
+        self.local = threading.Lock()
+
+    def __enter__(self) -> None:
+        self.local.acquire()
+        if self.file is not None:
+            fcntl.lockf(self.file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            fcntl.lockf(self.file, fcntl.LOCK_UN)
+        self.local.release()
+
+
+class SharedState:
+    """The block of memory one balancer's processes share; who writes what is in the banner above.
+    Made by the owner (``create``) before any worker starts; a worker process maps the same file
+    (``attach``)."""
+
+    def __init__(self, memory: mmap.mmap, workers: int, lock: SharedLock, files=()):
+        self.memory, self.worker_count, self.lock, self.files = memory, workers, lock, files
+        view = memoryview(memory)
+        offset = 0
+
+        def take(size: int, ints: bool = True):
+            nonlocal offset
+            part = view[offset:offset + size]
+            offset += size
+            return part.cast("q") if ints else part
+
+        self.header = take(HEADER_INTS * 8)
+        self.states = take((MAX_UPSTREAMS + 1) * STATE_INTS * 8)
+        self.reasons = take((MAX_UPSTREAMS + 1) * REASON_BYTES, ints=False)
+        self.config_area = take(CONFIG_BYTES, ints=False)
+        self.workers = [take(WORKER_INTS * 8) for _ in range(workers)]
+
+    @staticmethod
+    def size(workers: int) -> int:
+        return 8 * (HEADER_INTS + (MAX_UPSTREAMS + 1) * STATE_INTS + workers * WORKER_INTS) + (
+            (MAX_UPSTREAMS + 1) * REASON_BYTES + CONFIG_BYTES)
+
+    @classmethod
+    def create(cls, workers: int = 1, *, processes: bool = False) -> SharedState:
+        """`processes`: a file-backed block (in /dev/shm where there is one) that worker processes
+        map by its descriptor, with a lock file; else private memory."""
+        size = cls.size(workers)
+        if not processes:
+            return cls(mmap.mmap(-1, size), workers, SharedLock())
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        block, lock_file = tempfile.TemporaryFile(dir=directory), tempfile.TemporaryFile()
+        os.ftruncate(block.fileno(), size)
+        return cls(mmap.mmap(block.fileno(), size), workers, SharedLock(lock_file), (block, lock_file))
+
+    @classmethod
+    def attach(cls, block_fd: int, lock_fd: int, workers: int) -> SharedState:
+        lock_file = os.fdopen(lock_fd, "r+b")
+        return cls(mmap.mmap(block_fd, cls.size(workers)), workers, SharedLock(lock_file), (lock_file,))
+
+    def after_fork(self) -> None:
+        self.lock.local = threading.Lock()
+
+    # -- the backend set (owner writes, workers read) -------------------------------------------
+
+    def publish(self, entries: list) -> None:
+        """Make [(slot, backend text)] the backend set every process routes over."""
+        data = json.dumps(entries).encode()
+        if len(data) > CONFIG_BYTES:
+            raise ValueError(f"the backend list takes more than {CONFIG_BYTES} bytes")
+        in_use = {slot for slot, _ in entries}
+        with self.lock:
+            self.config_area[:len(data)] = data
+            self.header[H_CONFIG_LENGTH] = len(data)
+            for slot in range(1, MAX_UPSTREAMS + 1):
+                self.states[slot * STATE_INTS + S_IN_USE] = slot in in_use
+            self.header[H_GENERATION] += 1
+
+    def backend_set(self) -> list:
+        with self.lock:
+            return json.loads(bytes(self.config_area[:self.header[H_CONFIG_LENGTH]]) or b"[]")
+
+    def bump(self, generation: int) -> None:
+        with self.lock:
+            self.header[generation] += 1
+
+    # -- one upstream's state --------------------------------------------------------------------
+
+    def get(self, slot: int, field: int) -> int:
+        return self.states[slot * STATE_INTS + field]
+
+    def reason(self, slot: int) -> str:
+        start = slot * REASON_BYTES
+        return bytes(self.reasons[start:start + self.get(slot, S_REASON_LENGTH)]).decode("utf-8", "replace")
+
+    def _set_reason(self, slot: int, text: str, *, since: bool = True) -> None:
+        data = text.encode("utf-8", "replace")[:REASON_BYTES]
+        start = slot * REASON_BYTES
+        self.reasons[start:start + len(data)] = data
+        base = slot * STATE_INTS
+        self.states[base + S_REASON_LENGTH] = len(data)
+        if since:
+            self.states[base + S_SINCE] = int(time.time() * 1e6)
+
+    def reset(self, slot: int, reason: str) -> None:
+        """A slot given to a new backend name starts as HAProxy starts a server: up, unchecked."""
+        with self.lock:
+            base = slot * STATE_INTS
+            self.states[base:base + STATE_INTS] = memoryview(bytes(8 * STATE_INTS)).cast("q")
+            self._set_reason(slot, reason)
+
+    def routing_state(self, slot: int, now_us: int) -> str:
+        """What routing sees: up, down (health checks), ejected (passive), drain or maint."""
+        base = slot * STATE_INTS
+        states = self.states
+        if states[base + S_ADMIN]:
+            return ADMIN_STATES[states[base + S_ADMIN]]
+        if states[base + S_HEALTH] == 2:
+            return "down"
+        if states[base + S_EJECTED_UNTIL] > now_us:
+            return "ejected"
+        return "up"
+
+    def record_failure(self, slot: int, detail: str, config: Config, *, may_eject: bool) -> bool:
+        """A failed request: `config.max_fails` in a row take the upstream out for
+        `config.fail_timeout` (Envoy's consecutive gateway failures). True if this took it out."""
+        with self.lock:
+            base = slot * STATE_INTS
+            states = self.states
+            states[base + S_CONSECUTIVE_FAILURES] += 1
+            failures = states[base + S_CONSECUTIVE_FAILURES]
+            now = monotonic_us()
+            if not may_eject or failures < config.max_fails or states[base + S_EJECTED_UNTIL] > now:
+                return False
+            states[base + S_EJECTED_UNTIL] = now + int(config.fail_timeout * 1e6)
+            states[base + S_EJECTED_UNTIL_WALL] = int((time.time() + config.fail_timeout) * 1e6)
+            states[base + S_EJECTIONS] += 1
+            self._set_reason(slot, f"out for {config.fail_timeout:g}s after {failures} failed requests "
+                                   f"in a row, last: {detail}")
+            self.header[H_GENERATION] += 1
+        return True
+
+    def record_success(self, slot: int) -> bool:
+        """A request answered: the failure run ends, and so does an ejection (a request that went
+        to it in panic mode succeeded: nginx resets its failure count the same way). True if it
+        was out."""
+        with self.lock:
+            base = slot * STATE_INTS
+            self.states[base + S_CONSECUTIVE_FAILURES] = 0
+            if self.states[base + S_EJECTED_UNTIL] <= monotonic_us():
+                return False
+            self.states[base + S_EJECTED_UNTIL] = 0
+            self._set_reason(slot, "back in rotation: a request to it succeeded")
+            self.header[H_GENERATION] += 1
+        return True
+
+    def record_check(self, slot: int, ok: bool, health: int | None, reason: str | None,
+                     *, end_ejection: bool) -> None:
+        """An active check's result: counted; `health` set when rise/fall changed it; `reason`
+        written (with a new `since` only when routing changes)."""
+        with self.lock:
+            base = slot * STATE_INTS
+            states = self.states
+            states[base + (S_CHECKS_PASSED if ok else S_CHECKS_FAILED)] += 1
+            changed = health is not None and health != states[base + S_HEALTH]
+            if health is not None:
+                states[base + S_HEALTH] = health
+            if end_ejection and states[base + S_EJECTED_UNTIL] > monotonic_us():
+                states[base + S_EJECTED_UNTIL] = 0
+                states[base + S_CONSECUTIVE_FAILURES] = 0
+                changed = True
+            if reason is not None:
+                self._set_reason(slot, reason, since=changed)
+            if changed:
+                self.header[H_GENERATION] += 1
+
+    def set_admin(self, slot: int, state: str, reason: str) -> None:
+        with self.lock:
+            self.states[slot * STATE_INTS + S_ADMIN] = ADMIN_STATES.index(state)
+            self._set_reason(slot, reason)
+            self.header[H_GENERATION] += 1
+
+
+class WorkerStats:
+    """One worker's counter block. Every thread of the worker writes it under one lock (a few
+    increments each time); nobody else writes it, so no lock across processes is needed."""
+
+    def __init__(self, shared: SharedState, index: int):
+        self.counters = shared.workers[index]
+        self.lock = threading.Lock()
+        self.counters[P_PID] = os.getpid()
+
+    def add(self, field: int, amount: int = 1) -> None:
+        with self.lock:
+            self.counters[field] += amount
+
+    def attempt(self, slot: int, first: bool) -> None:
+        """A request goes to upstream `slot` (`first`: the request's first try)."""
+        base = PROCESS_INTS + slot * UPSTREAM_INTS
+        counters = self.counters
+        with self.lock:
+            counters[base + U_ATTEMPTS] += 1
+            counters[base + U_IN_FLIGHT] += 1
+            if first:
+                counters[P_IN_FLIGHT] += 1
+
+    def failed(self, slot: int, kind: str, retry: bool) -> None:
+        """A try at upstream `slot` failed before its answer (`retry`: the request goes on)."""
+        base = PROCESS_INTS + slot * UPSTREAM_INTS
+        counters = self.counters
+        with self.lock:
+            counters[base + U_IN_FLIGHT] -= 1
+            counters[base + U_ERRORS + ERROR_KINDS.index(kind)] += 1
+            counters[base + U_RETRIES] += retry
+
+    def error(self, slot: int, kind: str) -> None:
+        """An upstream failed after its answer began (it broke off the body)."""
+        self.add(PROCESS_INTS + slot * UPSTREAM_INTS + U_ERRORS + ERROR_KINDS.index(kind))
+
+    def response(self, slot: int, method: bytes, status: int, seconds: float) -> None:
+        """A response head goes to the client (counted before it is sent, so a client that has its
+        answer and then scrapes /metrics finds it counted); `seconds` since the request head."""
+        base = PROCESS_INTS + slot * UPSTREAM_INTS
+        cell = base + U_CODES + METHOD_INDEX.get(method, 7) * N_CODES + code_index(status)
+        bucket = base + U_HISTOGRAM + bisect.bisect_left(LATENCY_BOUNDS, seconds)
+        counters = self.counters
+        with self.lock:
+            counters[cell] += 1
+            counters[bucket] += 1
+            counters[base + U_LATENCY_SUM] += int(seconds * 1e6)
+            counters[P_RESPONSES] += 1
+
+    def finish(self, slot: int | None, attempted: bool, received: int, sent: int) -> None:
+        """A request is over: the upstream try that answered it (if any), the request itself if it
+        was counted in flight (it had a try), and its bytes each way."""
+        counters = self.counters
+        with self.lock:
+            if slot is not None:
+                counters[PROCESS_INTS + slot * UPSTREAM_INTS + U_IN_FLIGHT] -= 1
+            if attempted:
+                counters[P_IN_FLIGHT] -= 1
+            counters[P_RECEIVED] += received
+            counters[P_SENT] += sent
+
+    def set_idle(self, slot: int, count: int) -> None:
+        self.counters[PROCESS_INTS + slot * UPSTREAM_INTS + U_IDLE] = count  # a gauge: last write wins
+
+    def clear_gauges(self) -> None:
+        """For a worker that died: what it had open is gone; what it counted stays."""
+        counters = self.counters
+        with self.lock:
+            for gauge in (P_PID, P_CONNECTIONS, P_IN_FLIGHT, P_TUNNELS_OPEN):
+                counters[gauge] = 0
+            for slot in range(MAX_UPSTREAMS + 1):
+                base = PROCESS_INTS + slot * UPSTREAM_INTS
+                counters[base + U_IN_FLIGHT] = counters[base + U_IDLE] = 0
+
+
 # ===================================================================================================
 # Backends and round robin
 # ===================================================================================================
 
 class Backend:
-    """One upstream: where it is, whether it takes traffic and why, its counters and idle
-    connections. State changes happen under `lock`; counters too, so /status adds up."""
+    """One upstream as a worker sees it: its settings, its slot in the shared state, its idle
+    connections, and the rate limit on its failure log lines."""
 
-    def __init__(self, url: str, config: Config):
-        self.url = url
-        self.host, self.port = parse_backend_url(url)
-        netloc = urlsplit(url).netloc
-        self.host_header = netloc.encode("idna") if netloc else self.host.encode("idna")
-        self.config = config
-        self.lock = threading.Lock()
-        self.healthy = True                 # by active checks (HAProxy: starts up)
-        self.ejected_until = 0.0            # by passive checks (nginx max_fails/fail_timeout)
-        self.reason = "not checked yet" if config.health_interval else "no active checks"
-        self.since = time.time()
-        self.consecutive_failures = 0   # failed requests and checks since the last success
-        self.checks_passed = 0          # consecutive, for rise
-        self.checks_failed = 0          # consecutive, for fall
-        self.window_start = 0.0
-        self.window_failures = 0
-        self.requests = 0
-        self.errors = 0
-        self.in_flight = 0
+    def __init__(self, spec: BackendSpec, slot: int, config: Config, shared: SharedState,
+                 stats: WorkerStats | None = None):
+        self.spec, self.slot, self.config, self.shared, self.stats = spec, slot, config, shared, stats
+        self.name, self.url = spec.name, spec.url
+        self.host, self.port = spec.host, spec.port
+        # In log lines: the URL, and the name too when it is not the URL's own host:port.
+        own_name = spec.netloc if urlsplit(spec.url).port else f"{spec.netloc}:{spec.port}"
+        self.label = spec.url if spec.name == own_name else f"{spec.name} ({spec.url})"
+        self.host_header = spec.netloc.encode("idna")
         self.pool = ConnectionPool(self, config)
+        self.failures = FailureLog(self)
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name} {self.url}>"
 
     @property
     def state(self) -> str:
-        return "up" if self.available(time.monotonic()) else "down"
+        """As /status says: up, down (by health checks, or ejected after failed requests), drain
+        or maint."""
+        state = self.shared.routing_state(self.slot, monotonic_us())
+        return "down" if state == "ejected" else state
 
-    def available(self, now: float) -> bool:
-        return self.healthy and self.ejected_until <= now
 
-    def start_request(self) -> None:
-        with self.lock:
-            self.requests += 1
-            self.in_flight += 1
+class FailureLog:
+    """One WARNING for the first failure of an upstream, then at most one summary line (count and
+    kinds) per LOG_SUMMARY_SECONDS: a dead upstream under load must not write a line a request."""
 
-    def end_request(self) -> None:
-        with self.lock:
-            self.in_flight -= 1
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.lock = threading.Lock()
+        self.quiet_until = 0.0
+        self.kinds: collections.Counter = collections.Counter()
+        self.timer = None
 
-    def record_success(self) -> None:
-        if self.consecutive_failures:
-            with self.lock:
-                self.consecutive_failures = 0
-
-    def record_failure(self, detail: str, may_eject: bool) -> bool:
-        """A failed request (nginx max_fails within fail_timeout). True if this takes it out."""
-        config = self.config
+    def failed(self, kind: str, line: str) -> None:
         with self.lock:
             now = time.monotonic()
-            self.errors += 1
-            self.consecutive_failures += 1
-            if now - self.window_start > config.fail_timeout:
-                self.window_start, self.window_failures = now, 0
-            self.window_failures += 1
-            if not may_eject or self.window_failures < config.max_fails or self.ejected_until > now:
-                return False
-            self.ejected_until = now + config.fail_timeout
-            self.reason = f"{self.window_failures} failed request(s) within {config.fail_timeout:g}s, last: {detail}"
-            self.since = time.time()
-        log.warning("upstream %s out of rotation for %gs: %s", self.url, config.fail_timeout, self.reason)
-        return True
+            if now >= self.quiet_until and not self.kinds:
+                self.quiet_until = now + LOG_SUMMARY_SECONDS
+                log.warning("%s", line)
+                return
+            self.kinds[kind] += 1
+            if self.timer is None:
+                self.timer = threading.Timer(max(self.quiet_until - now, 0.0), self.summarise)
+                self.timer.daemon = True
+                self.timer.start()
 
-    def record_probe(self, ok: bool, detail: str) -> bool:
-        """An active health check result, with HAProxy's rise/fall hysteresis: down after `fall`
-        failed checks in a row, up after `rise` passed ones. A passing check also ends a passive
-        ejection early. True if what round robin sees changed."""
-        config = self.config
+    def summarise(self) -> None:
         with self.lock:
-            if ok:
-                self.checks_passed += 1
-                self.checks_failed = self.consecutive_failures = 0
-                rose = not self.healthy and self.checks_passed >= config.rise
-                changed = rose or (self.healthy and self.ejected_until > time.monotonic())
-                if rose:
-                    self.healthy = True
-                if changed:
-                    self.ejected_until = 0.0
-                    self.reason = f"{self.checks_passed} health check(s) passed, last: {detail}"
-                    self.since = time.time()
-            else:
-                self.checks_passed = 0
-                self.checks_failed += 1
-                self.consecutive_failures += 1
-                changed = self.healthy and self.checks_failed >= config.fall
-                if changed:
-                    self.healthy = False
-                    self.reason = f"{self.checks_failed} health check(s) failed, last: {detail}"
-                    self.since = time.time()
-            if not changed and self.healthy and self.ejected_until <= time.monotonic():
-                self.reason = f"health check {'passed' if ok else 'failed'}: {detail}"
-        if changed:
-            log.log(logging.INFO if ok else logging.WARNING, "upstream %s is %s: %s", self.url,
-                    "UP" if ok else "DOWN", self.reason)
-        return changed
+            kinds, self.kinds, self.timer = self.kinds, collections.Counter(), None
+            self.quiet_until = time.monotonic() + LOG_SUMMARY_SECONDS
+        if kinds:
+            log.warning("upstream %s: %d more failed request(s) in the last %gs (%s)", self.backend.label,
+                        sum(kinds.values()), LOG_SUMMARY_SECONDS,
+                        ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common()))
 
-    def status(self) -> dict:
-        with self.lock:
-            return {"url": self.url, "state": self.state, "reason": self.reason,
-                    "since": email.utils.formatdate(self.since, usegmt=True),
-                    "consecutive_failures": self.consecutive_failures, "requests": self.requests,
-                    "errors": self.errors, "in_flight": self.in_flight,
-                    "idle_connections": len(self.pool)}
+
+def smooth_weighted_cycle(backends: list) -> tuple:
+    """nginx's smooth weighted round robin, computed once for a whole cycle: weights 3,1,1 give
+    ``a b a c a`` (never ``a a a b c``), and a pick stays one counter step."""
+    weights = [backend.spec.weight for backend in backends]
+    divisor = math.gcd(*weights) if weights else 1
+    weights = [weight // divisor for weight in weights]
+    total = sum(weights)
+    current = [0] * len(backends)
+    cycle = []
+    for _ in range(total):
+        best = 0
+        for index, weight in enumerate(weights):
+            current[index] += weight
+            if current[index] > current[best]:
+                best = index
+        current[best] -= total
+        cycle.append(backends[best])
+    return tuple(cycle)
+
+
+class Rotation:
+    """Where requests go, as of one generation of the shared state: immutable, read without a
+    lock. `primary` cycles over the available primaries (in panic mode: over every upstream out
+    only by passive ejection), `backup` over the available backups."""
+
+    __slots__ = ("generation", "primary", "backup", "primary_members", "backup_members",
+                 "review_at", "panic")
+
+    def __init__(self, generation: int, primary: tuple, backup: tuple, review_at: int, panic: bool):
+        self.generation, self.primary, self.backup = generation, primary, backup
+        self.primary_members, self.backup_members = tuple(set(primary)), tuple(set(backup))
+        self.review_at, self.panic = review_at, panic
 
 
 class RoundRobin:
-    """Strict rotation over the available backends: the n-th pick takes ``available[n % len]``.
+    """Strict rotation over the available upstreams, weighted and with backups; the one place that
+    picks. The n-th pick takes ``cycle[n % len(cycle)]`` from one ``itertools.count``: ``next()``
+    is one C call, atomic under the GIL, so threads never see the same number and each cycle's
+    worth of picks follows the cycle exactly. The cycle is rebuilt (copy on write) only when the
+    shared state changes generation or an ejection ends, so a pick is O(1) and takes no lock."""
 
-    ``next()`` on an ``itertools.count`` is one C call, atomic under the GIL, so threads never see
-    the same number and each of k*len(available) picks lands on each backend exactly k times. The
-    tuple of available backends is rebuilt only when one leaves or rejoins, so a pick is O(1)."""
-
-    def __init__(self, backends: list[Backend]):
-        self.backends = tuple(backends)
+    def __init__(self, shared: SharedState, config: Config, stats: WorkerStats | None = None):
+        self.shared, self.config, self.stats = shared, config, stats
+        self.backends: dict = {}          # slot -> Backend, this process's
         self._counter = itertools.count()
-        self._available = self.backends
-        self._review_at = None       # when a backend taken out by failures may come back
         self._lock = threading.Lock()
+        self._entries: list = []
+        self._resolve_generation = 0
+        self._panic = False
+        self._rotation = Rotation(-1, (), (), 0, False)
+        self.refresh()
 
     def pick(self, exclude=()) -> Backend | None:
-        if self._review_at is not None and time.monotonic() >= self._review_at:
-            self.refresh()
-        available = self._available
-        if not available:
-            return None
-        if not exclude:
-            return available[next(self._counter) % len(available)]
-        for _ in range(len(available)):
-            backend = available[next(self._counter) % len(available)]
-            if backend not in exclude:
-                return backend
+        rotation = self._rotation
+        if rotation.generation != self.shared.header[H_GENERATION] or (
+                rotation.review_at and monotonic_us() >= rotation.review_at):
+            rotation = self.refresh()
+        for cycle, members in ((rotation.primary, rotation.primary_members),
+                               (rotation.backup, rotation.backup_members)):
+            size = len(cycle)
+            if not size:
+                continue
+            if not exclude:
+                return cycle[next(self._counter) % size]
+            if all(member in exclude for member in members):
+                continue  # every one of them was tried: the backups' turn, without a step
+            for _ in range(size):
+                backend = cycle[next(self._counter) % size]
+                if backend not in exclude:
+                    return backend
         return None
 
-    def refresh(self) -> None:
-        """Rebuild the rotation after a backend left or may have come back."""
+    @property
+    def panic(self) -> bool:
+        return self._rotation.panic
+
+    def refresh(self) -> Rotation:
+        """Rebuild the rotation from the shared state (called by pick() when it changed)."""
         with self._lock:
-            now = time.monotonic()
-            before = self._available
-            self._available = tuple(b for b in self.backends if b.available(now))
-            pending = [b.ejected_until for b in self.backends if b.ejected_until > now]
-            self._review_at = min(pending) if pending else None
-        for backend in self._available:
-            if backend not in before and backend.ejected_until:
-                backend.ejected_until = 0.0
-                log.info("upstream %s back in rotation: its fail timeout passed", backend.url)
+            shared = self.shared
+            generation = shared.header[H_GENERATION]  # read first: a later change is seen next pick
+            entries = shared.backend_set()
+            if entries != self._entries:
+                self._adopt(entries)
+            if shared.header[H_RESOLVE_GENERATION] != self._resolve_generation:
+                self._resolve_generation = shared.header[H_RESOLVE_GENERATION]
+                for backend in self.backends.values():
+                    backend.pool.close_idle()  # the next connections look the names up again
+            now = monotonic_us()
+            states = {slot: shared.routing_state(slot, now) for slot in self.backends}
+            up = [b for slot, b in self.backends.items() if states[slot] == "up"]
+            ejected = [b for slot, b in self.backends.items() if states[slot] == "ejected"]
+            primary = smooth_weighted_cycle([b for b in up if not b.spec.backup])
+            backup = smooth_weighted_cycle([b for b in up if b.spec.backup])
+            panic = not up and bool(ejected)
+            if panic:
+                # Envoy's panic threshold: with every upstream out only by passive ejection, a 503
+                # for everyone is worse than trying them; the first request that succeeds ends it.
+                primary = smooth_weighted_cycle(ejected)
+            if panic != self._panic:
+                self._panic = panic
+                (log.warning if panic else log.info)(
+                    "panic mode %s: %s", "on" if panic else "off",
+                    "every upstream is out after failed requests; trying them anyway" if panic
+                    else "an upstream is available again")
+            review_at = min((shared.get(b.slot, S_EJECTED_UNTIL) for b in ejected), default=0)
+            self._rotation = Rotation(generation, primary, backup, review_at, panic)
+            return self._rotation
+
+    def _adopt(self, entries: list) -> None:
+        """Take a new backend set: new slots get a Backend, changed ones their new settings (the
+        same URL keeps its pooled connections), removed ones close their idle connections (one
+        in flight is closed when its request ends, see ConnectionPool.release)."""
+        current = {}
+        for slot, text in entries:
+            spec = parse_backend(text)
+            backend = self.backends.get(slot)
+            if backend is not None and backend.spec.url == spec.url:
+                backend.spec = spec
+            else:
+                if backend is not None:
+                    backend.pool.close()
+                backend = Backend(spec, slot, self.config, self.shared, self.stats)
+            current[slot] = backend
+        for slot, backend in self.backends.items():
+            if slot not in current:
+                backend.pool.close()
+        self.backends, self._entries = current, entries
 
     def retry_after(self) -> int:
-        """Seconds until a backend may be back, for Retry-After on a 503."""
-        now = time.monotonic()
-        pending = [b.ejected_until for b in self.backends if b.ejected_until > now]
-        wait = min(pending) - now if pending else self.backends[0].config.health_interval
+        """Seconds until an upstream may be back, for Retry-After on a 503."""
+        now = monotonic_us()
+        pending = [until for until in (self.shared.get(slot, S_EJECTED_UNTIL) for slot in self.backends)
+                   if until > now]
+        wait = (min(pending) - now) / 1e6 if pending else self.config.health_interval
         return max(1, math.ceil(wait))
 
 
@@ -1013,51 +1901,100 @@ class RoundRobin:
 # ===================================================================================================
 
 class HealthChecker:
-    """Active checks: one thread per backend asks ``GET health_path`` every `health_interval`
-    seconds; a 2xx or 3xx within `health_timeout` passes (HAProxy's httpchk). A threading.Event
-    stops them all at once, as a closed channel would stop the goroutines of the Go original."""
+    """Active checks, in the process that owns the backend set: one probe per upstream per
+    `health_interval`, however many workers. Without `health_path` a probe is a TCP connect (and
+    the TLS handshake of an https:// upstream): HAProxy's plain ``check``. With it, ``GET path``
+    must answer 2xx or 3xx within `health_timeout` (HAProxy's httpchk). Down after `fall` failed
+    probes in a row, up after `rise` passed ones. A passing HTTP check also ends a passive
+    ejection early; a TCP connect proves too little for that."""
 
-    def __init__(self, balancer: RoundRobin, config: Config):
-        self.balancer = balancer
-        self.config = config
-        self.stopped = threading.Event()
-        self.threads: list[threading.Thread] = []
+    def __init__(self, shared: SharedState, config: Config, tls: ssl.SSLContext | None):
+        self.shared, self.config, self.tls = shared, config, tls
+        self.checks: dict = {}  # slot -> (spec, stop event)
+        self.runs: dict = {}    # slot -> (passed in a row, failed in a row)
 
-    def start(self) -> None:
-        for backend in self.balancer.backends:
-            thread = threading.Thread(target=self.run, args=(backend,), daemon=True,
-                                      name=f"health {backend.url}")
-            thread.start()
-            self.threads.append(thread)
+    def update(self, specs: dict) -> None:
+        """Check exactly the upstreams in {slot: spec}: start new ones, stop removed or changed."""
+        if not self.config.health_interval:
+            return
+        for slot, (spec, stopped) in list(self.checks.items()):
+            if specs.get(slot) != spec:
+                stopped.set()
+                del self.checks[slot]
+        for slot, spec in specs.items():
+            if slot not in self.checks:
+                stopped = threading.Event()
+                self.checks[slot] = (spec, stopped)
+                self.runs[slot] = (0, 0)
+                threading.Thread(target=self.run, args=(slot, spec, stopped), daemon=True,
+                                 name=f"health {spec.name}").start()
 
-    def run(self, backend: Backend) -> None:
-        while not self.stopped.is_set():
-            ok, detail = self.probe(backend)
-            if self.stopped.is_set():
+    def run(self, slot: int, spec: BackendSpec, stopped: threading.Event) -> None:
+        while not stopped.is_set():
+            ok, detail = self.probe(spec)
+            if stopped.is_set():
                 return
-            if backend.record_probe(ok, detail):
-                self.balancer.refresh()
-            self.stopped.wait(self.config.health_interval)
+            self.record(slot, spec, ok, detail)
+            stopped.wait(self.config.health_interval)
 
-    def probe(self, backend: Backend) -> tuple[bool, str]:
+    def record(self, slot: int, spec: BackendSpec, ok: bool, detail: str) -> None:
+        config, shared = self.config, self.shared
+        passed, failed = self.runs.get(slot, (0, 0))
+        passed, failed = (passed + 1, 0) if ok else (0, failed + 1)
+        self.runs[slot] = (passed, failed)
+        health = shared.get(slot, S_HEALTH)
+        new = None
+        if ok and health != 1 and (passed >= config.rise or health == 0):
+            new = 1
+        elif not ok and health != 2 and failed >= config.fall:
+            new = 2
+        end_ejection = ok and config.health_path is not None
+        if new == 1 and health == 2:
+            reason = f"up: {passed} health check(s) passed, last: {detail}"
+        elif new == 2:
+            reason = f"down: {failed} health check(s) failed in a row, last: {detail}"
+        elif shared.routing_state(slot, monotonic_us()) in ("up", "down") or end_ejection:
+            reason = f"health check {'passed' if ok else 'failed'}: {detail}"
+        else:
+            reason = None  # an ejection or an operator's state says more
+        shared.record_check(slot, ok, new, reason, end_ejection=end_ejection)
+        if new == 2 or (new == 1 and health == 2):
+            log.log(logging.INFO if ok else logging.WARNING, "upstream %s is %s: %s", spec.name,
+                    "UP" if ok else "DOWN", reason)
+
+    def probe(self, spec: BackendSpec) -> tuple[bool, str]:
         config = self.config
-        conn = http.client.HTTPConnection(backend.host, backend.port, timeout=config.health_timeout)
+        started = time.monotonic()
         try:
-            conn.request("GET", config.health_path, headers={
-                "Host": backend.host_header.decode("ascii"), "Connection": "close",
-                "User-Agent": f"load_balancer/{__version__} health-check"})
-            response = conn.getresponse()
-            response.read(65536)
+            if config.health_path is None:
+                with socket.create_connection((spec.host, spec.port), timeout=config.health_timeout) as sock:
+                    if spec.scheme == "https":
+                        self.tls.wrap_socket(sock, server_hostname=spec.host).close()
+                what = "TLS handshake" if spec.scheme == "https" else "TCP connect"
+                return True, f"{what} in {(time.monotonic() - started) * 1000:.1f} ms"
+            if spec.scheme == "https":
+                conn = http.client.HTTPSConnection(spec.host, spec.port, timeout=config.health_timeout,
+                                                   context=self.tls)
+            else:
+                conn = http.client.HTTPConnection(spec.host, spec.port, timeout=config.health_timeout)
+            try:
+                conn.request("GET", config.health_path, headers={
+                    "Host": spec.netloc, "Connection": "close",
+                    "User-Agent": f"load_balancer/{__version__} health-check"})
+                response = conn.getresponse()
+                response.read(65536)
+            finally:
+                conn.close()
             return 200 <= response.status < 400, f"HTTP {response.status} from {config.health_path}"
         except socket.timeout:
             return False, f"no answer within {config.health_timeout:g}s"
         except (OSError, http.client.HTTPException) as error:
             return False, describe_os_error(error)
-        finally:
-            conn.close()
 
     def stop(self) -> None:
-        self.stopped.set()
+        for _, stopped in self.checks.values():
+            stopped.set()
+        self.checks.clear()
 
 
 def describe_os_error(error: BaseException) -> str:
@@ -1067,23 +2004,54 @@ def describe_os_error(error: BaseException) -> str:
         return "connection reset"
     if isinstance(error, socket.gaierror):
         return f"cannot resolve host ({error.strerror})"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate not verified: {error.verify_message or error.reason}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS error: {error.reason or error}"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower()
     return str(error) or type(error).__name__
 
 
 # ===================================================================================================
-# Upstream connections
+# Upstream connections: the transport
 # ===================================================================================================
 
 class UpstreamError(Exception):
-    """An exchange with an upstream failed before anything was sent to the client."""
+    """An exchange with an upstream failed before anything was sent to the client. `kind` (one of
+    ERROR_KINDS) is all that retry, ejection and the answer (502 or 504) look at; classify() is the
+    one place that decides it."""
 
-    CONNECT, CLOSED, TIMEOUT, INVALID = "connect", "closed", "timeout", "invalid"
-
-    def __init__(self, status: int, kind: str, detail: str):
+    def __init__(self, kind: str, status: int, detail: str):
         super().__init__(detail)
-        self.status, self.kind, self.detail = status, kind, detail
+        self.kind, self.status, self.detail = kind, status, detail
+
+
+def classify(error: BaseException, config: Config, *, connecting: bool) -> UpstreamError:
+    """Every way an exchange with an upstream can fail, as one UpstreamError."""
+    if isinstance(error, UpstreamError):
+        return error
+    timed_out = isinstance(error, (socket.timeout, BlockingIOError)) or (
+        isinstance(error, HTTPError) and error.status == 408)
+    if connecting:
+        if timed_out:
+            return UpstreamError("connect", 504, "the upstream did not accept a connection within "
+                                 f"{config.connect_timeout:g}s")
+        if isinstance(error, ssl.SSLError) or isinstance(error, ssl.CertificateError):
+            return UpstreamError("tls", 502, f"TLS with the upstream failed: {describe_os_error(error)}")
+        return UpstreamError("connect", 502, f"cannot connect to the upstream: {describe_os_error(error)}")
+    if timed_out:
+        return UpstreamError("timeout", 504, f"the upstream did not answer within {config.timeout:g}s")
+    if isinstance(error, HTTPError):
+        return UpstreamError("invalid", 502, f"the upstream sent an invalid response: {error.detail}")
+    if isinstance(error, EOFError):
+        return UpstreamError("closed", 502, f"the upstream {error}")
+    return UpstreamError("closed", 502, f"the upstream connection failed: {describe_os_error(error)}")
+
+
+class EarlyResponse(Exception):
+    """The upstream began its answer before the request body was all sent (a 413, a 401: nginx,
+    HAProxy and Go pass such an answer on). Not a failure; the connection is not reused."""
 
 
 class UpstreamResponse(http.client.HTTPResponse):
@@ -1097,23 +2065,33 @@ class UpstreamResponse(http.client.HTTPResponse):
         self.request_method = method
         self.head: ResponseHead | None = None
 
-    def begin(self) -> None:
-        """Read the head of the final response, skipping interim (1xx) ones, within `timeout`."""
+    def begin(self, interim=None, upgrade: bytes | None = None, head: bytes | None = None) -> None:
+        """Read the head of the final response within `timeout`, passing each interim (1xx) one
+        to `interim(head)`. A 101 is final only when `upgrade` (the protocol asked for) is set.
+        `head`: a final head already read (an early answer, see ProxyHandler.early_answer)."""
         conn, config = self.conn, self.conn.config
         deadline = time.monotonic() + config.timeout
         for _ in range(MAX_INTERIM_RESPONSES + 1):
-            head = read_head(self.fp, config.max_request_line + config.max_header_size + 4,
-                             config.max_request_line, deadline, conn.set_timeout, response=True)
+            if head is None:
+                head = read_head(self.fp, config.max_request_line + config.max_header_size + 4,
+                                 config.max_request_line, deadline, conn.stream.set_timeout, response=True)
             if head is None:
                 raise EOFError("closed the connection without answering")
             parsed = parse_response_head(head, self.request_method, config)
+            if parsed.status == 101:
+                if upgrade is None:
+                    raise HTTPError(502, "switched protocols unasked (101)")
+                if comma_list(parsed.upgrade or [b""]) != comma_list([upgrade]):
+                    raise HTTPError(502, "switched to a protocol nobody asked for (101)")
+                break
             if parsed.status >= 200:
                 break
-            if parsed.status == 101:  # no Upgrade is ever forwarded, so no switch was asked for
-                raise HTTPError(502, "switched protocols unasked (101)")
+            if interim is not None:
+                interim(head)
+            head = None
         else:
             raise HTTPError(502, f"more than {MAX_INTERIM_RESPONSES} interim (1xx) responses")
-        conn.set_timeout(config.timeout)
+        conn.stream.set_timeout(config.timeout)
         self.head = parsed
         self.status, self.reason, self.version = parsed.status, parsed.reason.decode("latin-1"), parsed.version
         self.headers = self.msg = Headers(parsed.fields)
@@ -1127,56 +2105,42 @@ class UpstreamResponse(http.client.HTTPResponse):
 
 class UpstreamConnection(http.client.HTTPConnection):
     """A keep-alive connection to one upstream. http.client opens it (connect timeout,
-    TCP_NODELAY); the request head, validated on the way in, goes out with one ``send``."""
+    TCP_NODELAY); an https:// upstream's certificate is then verified against its host name; the
+    request head, validated on the way in, goes out with one send."""
 
     response_class = UpstreamResponse
 
     def __init__(self, backend: Backend, config: Config):
         super().__init__(backend.host, backend.port, timeout=config.connect_timeout)
-        self.config = config
-        self.reader: io.BufferedReader | None = None
-        self.timeout_now = 0.0
-        self._poller = None
+        self.backend, self.config = backend, config
+        self.stream: Stream | None = None
 
     def connect(self) -> None:
         super().connect()
-        self.sock.settimeout(None)  # blocking, with kernel timeouts: see set_timeout
-        self.set_timeout(self.config.timeout)
-        self.reader = socket_reader(self.sock, READ_BUFFER)
-        self._poller = None  # built on first use, where TCP_INFO cannot answer
+        if self.backend.spec.scheme == "https":
+            self.sock = client_tls_context(self.config.backend_ca).wrap_socket(
+                self.sock, server_hostname=self.backend.host)
+            self.stream = TLSStream(self.sock)
+        else:
+            self.sock.settimeout(None)  # blocking, with kernel timeouts: see set_timeout
+            self.stream = Stream(self.sock)
+        self.stream.set_timeout(self.config.timeout)
 
     def makefile(self, mode: str) -> io.BufferedReader:
-        return self.reader
-
-    def set_timeout(self, seconds: float) -> None:
-        if seconds != self.timeout_now:
-            set_timeout(self.sock, seconds)
-            self.timeout_now = seconds
+        return self.stream.reader
 
     def is_reusable(self) -> bool:
-        """An idle connection with something to read was closed by the upstream (or is out of
-        step with it: bytes nobody asked for would become the next client's answer). Checked
-        before every reuse. On Linux, TCP_INFO says it without a system call that gives up the
-        GIL (one GIL hand-off less per request): the connection must still be ESTABLISHED and
-        the kernel must have received no byte that was not read (tcpi_bytes_received, Linux
-        4.1+). Elsewhere poll(0) says whether anything is waiting."""
-        if self.sock is None:
-            return False
-        if TCP_INFO:
-            info = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 136)
-            if len(info) >= 136:
-                return info[0] == TCP_ESTABLISHED and (
-                    int.from_bytes(info[128:136], sys.byteorder) == self.reader.raw.received)
-        if self._poller is None:
-            self._poller = select.poll()
-            self._poller.register(self.sock, select.POLLIN)
-        return not self._poller.poll(0)
+        return self.sock is not None and self.stream.is_reusable()
 
-    def close(self) -> None:
-        reader, self.reader = self.reader, None
-        super().close()
-        if reader is not None:
-            reader.close()
+
+@functools.lru_cache(maxsize=None)
+def client_tls_context(cafile: str | None) -> ssl.SSLContext:
+    """How https:// upstreams are verified: the system's trust store or `cafile`, host names
+    checked, TLS 1.2 or later, ALPN http/1.1."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class ConnectionPool:
@@ -1199,6 +2163,7 @@ class ConnectionPool:
                 conn = idle.pop()
             except IndexError:
                 break
+            self.count()
             if conn.is_reusable():
                 return conn
             conn.close()
@@ -1209,29 +2174,33 @@ class ConnectionPool:
         conn = UpstreamConnection(self.backend, self.config)
         try:
             conn.connect()
-        except socket.timeout:
+        except (OSError, ValueError) as error:
             conn.close()
-            raise UpstreamError(504, UpstreamError.CONNECT, "the upstream did not accept a connection "
-                                f"within {self.config.connect_timeout:g}s") from None
-        except OSError as error:
-            conn.close()
-            raise UpstreamError(502, UpstreamError.CONNECT,
-                                f"cannot connect to the upstream: {describe_os_error(error)}") from None
+            raise classify(error, self.config, connecting=True) from None
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         if not self.closed and len(self._idle) < self.config.pool_size:
             self._idle.append(conn)
+            self.count()
         else:
             conn.close()
 
-    def close(self) -> None:
-        self.closed = True
+    def count(self) -> None:
+        if self.backend.stats is not None:
+            self.backend.stats.set_idle(self.backend.slot, len(self._idle))
+
+    def close_idle(self) -> None:
         while self._idle:
             try:
                 self._idle.pop().close()
             except IndexError:
                 break
+        self.count()
+
+    def close(self) -> None:
+        self.closed = True
+        self.close_idle()
 
 
 # ===================================================================================================
@@ -1302,39 +2271,48 @@ class ProxyHandler(BaseHTTPRequestHandler):
     """One client connection: reads requests, forwards each to the next upstream, relays the answer.
 
     BaseHTTPRequestHandler's parse step (email.parser, lenient) is replaced by the strict one
-    above; the rest keeps http.server's shape: the handle() loop, close_connection, send_error,
-    log_request and log_message."""
+    above, and its socket by a Stream (plain or TLS); the rest keeps http.server's shape: the
+    handle() loop, close_connection, send_error, log_request and log_message. Called by
+    ProxyServer.process_request_thread, on the connection's own thread."""
 
     protocol_version = "HTTP/1.1"   # keep-alive; http.server speaks HTTP/1.0 by default
-    disable_nagle_algorithm = True  # else a response written in two sends waits ~40 ms for an ACK
-    rbufsize = 0                    # StreamRequestHandler's reader is replaced in setup()
     server_version = f"load_balancer/{__version__}"
     server: ProxyServer
 
     def setup(self) -> None:
-        super().setup()
-        self.rfile.close()
-        self.rfile = socket_reader(self.connection, READ_BUFFER)
-        self.sendall = self.connection.sendall
+        """Start the connection: TCP_NODELAY (else a response written in two sends waits ~40 ms
+        for an ACK), and on a TLS listener the handshake, here on the connection's own thread,
+        under --header-timeout and outside the fair gate."""
+        self.connection = self.request
         self.config = self.server.config
+        self.stats = self.server.stats
         self.client_ip = self.client_address[0].encode("ascii")
         self.busy = False             # between the first byte of a request and the end of its answer
+        self.evicted = False          # closed to make room for a new connection (see ProxyServer)
+        self.idle_since = time.monotonic()
         self.linger = False           # close gently: the client may still be sending
-        self.timeout_now = 0.0
         self.requests_seen = 0
         self.gated = False            # holds a place in the server's FairGate
+        self.started = time.monotonic()
+        self.command = self.path = self.request_version = ""
+        self.stream: Stream | None = None
         self.server.track(self, True)
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.stream = self.server.open_stream(self)
+        except OSError:
+            self.stream = None
+        if self.stream is not None:
+            self.rfile = self.stream.reader
+
+    def handle(self) -> None:
+        if self.stream is not None:
+            super().handle()
 
     def finish(self) -> None:
         self.server.track(self, False)
-        if self.linger:
-            linger_close(self.connection)
-        super().finish()
-
-    def set_timeout(self, seconds: float) -> None:
-        if seconds != self.timeout_now:
-            set_timeout(self.connection, seconds)
-            self.timeout_now = seconds
+        if self.linger and self.stream is not None:
+            linger_close(self.stream)
 
     # -- one request ----------------------------------------------------------------------------
 
@@ -1342,29 +2320,37 @@ class ProxyHandler(BaseHTTPRequestHandler):
         config = self.config
         self.close_connection = True
         self.requestline = self.command = self.path = self.request_version = ""
-        self.set_timeout(config.idle_timeout if self.requests_seen else config.header_timeout)
+        self.stream.set_timeout(config.idle_timeout if self.requests_seen else config.header_timeout)
         try:
             if not self.rfile.peek(1):
                 return
         except OSError:  # including the timeout: an idle connection is closed without a word
             return
-        self.busy = True
+        with self.server.lock:
+            if self.evicted or self.server.draining and self.requests_seen:
+                return
+            self.busy = True
         self.requests_seen += 1
         self.started = time.monotonic()
+        self.received_before = self.rfile.raw.received - unread(self.rfile)
+        self.sent = 0
+        self.attempted = False
+        self.in_flight_slot = None
         try:
             try:
                 head = read_head(self.rfile, config.max_request_line + config.max_header_size + 4,
                                  config.max_request_line, self.started + config.header_timeout,
-                                 self.set_timeout)
+                                 self.stream.set_timeout)
                 if head is None:
                     return
                 self.server.gate.enter(new_request=True)
                 self.gated = True
                 request = parse_request_head(head, config)
             except HTTPError as error:
+                self.name_request(error.head)
                 self.reject(error.status, error.detail)
                 return
-            self.set_timeout(config.idle_timeout)
+            self.stream.set_timeout(config.idle_timeout)
             self.command = request.method.decode("ascii")
             self.path = request.target.decode("ascii")
             self.request_version = request.version.decode("ascii")
@@ -1382,16 +2368,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.gated:
                 self.gated = False
                 self.server.gate.leave(request_done=True)
-            self.busy = False
+            received = self.rfile.raw.received - unread(self.rfile) - self.received_before
+            self.stats.finish(self.in_flight_slot, self.attempted, received, self.sent)
+            with self.server.lock:
+                self.busy = False
+                self.idle_since = time.monotonic()
             if self.server.draining:
                 self.close_connection = True
                 self.server.wake_drainer()
+
+    def name_request(self, head: bytes | None) -> None:
+        """For the log of a refused request: its method and target, if its request line was read."""
+        line = (head or b"").split(b"\r\n", 1)[0]
+        parts = line.split(b" ")
+        if len(parts) == 3 and parts[0] and not parts[0].translate(None, TCHAR) and len(line) <= 8192:
+            self.command, self.path, self.request_version = (
+                part.decode("latin-1").encode("unicode_escape").decode("ascii") for part in parts)
 
     def proxy(self, request: Request) -> None:
         """Forward one request to the next upstream and relay its answer; on failure try the next
         one while that is safe; else answer 502, 503 or 504 through reject()."""
         self.continue_sent = False
-        body = self.arrived_body(request) if request.framing == LENGTH else None
+        body = self.arrived_body(request)
         balancer = self.server.balancer
         tried: list[Backend] = []
         failure = None
@@ -1399,98 +2397,105 @@ class ProxyHandler(BaseHTTPRequestHandler):
             backend = balancer.pick(tried)
             if backend is None:
                 break
+            self.stats.attempt(backend.slot, first=not tried)
+            self.attempted = True
             tried.append(backend)
-            backend.start_request()
             try:
-                conn, response = self.exchange(backend, request, body)
+                conn, response, early = self.exchange(backend, request, body)
             except UpstreamError as error:
-                backend.end_request()
+                retry = self.may_retry(request, error, body)
+                self.stats.failed(backend.slot, error.kind, retry)
+                self.upstream_failed(backend, error)
                 failure = error
-                self.upstream_failed(backend, error.detail)
-                if self.may_retry(request, error):
+                if retry:
                     continue
                 break
-            except BaseException:
-                backend.end_request()
-                raise
-            try:
-                backend.record_success()
-                self.relay_response(backend, conn, response, request)
-            finally:
-                backend.end_request()
+            self.in_flight_slot = backend.slot
+            shared = self.server.shared
+            if shared.get(backend.slot, S_CONSECUTIVE_FAILURES) or shared.get(backend.slot, S_EJECTED_UNTIL):
+                shared.record_success(backend.slot)
+            self.relay_response(backend, conn, response, request, early)
             return
-        unread = request.framing != NO_BODY and body is None
+        unread_body = request.framing != NO_BODY and body is None
         if failure is None:
-            self.reject(503, "no upstream is available", close=unread,
+            self.reject(503, "no upstream is available", close=unread_body,
                         extra=b"Retry-After: %d\r\n" % balancer.retry_after())
         else:
-            self.reject(failure.status, failure.detail, close=unread)
+            self.reject(failure.status, failure.detail, close=unread_body or failure.kind == "body")
 
-    def upstream_failed(self, backend: Backend, detail: str) -> None:
-        log.warning("%s %s -> %s: %s", self.command, self.path, backend.url, detail)
+    def upstream_failed(self, backend: Backend, error: UpstreamError) -> None:
+        backend.failures.failed(error.kind, f"{self.command} {self.path} -> {backend.label}: {error.detail}")
         # nginx ignores max_fails when a group has a single server: with nowhere else to go,
         # taking it out would only turn its failures into 503s.
-        if backend.record_failure(detail, may_eject=len(self.server.balancer.backends) > 1):
-            self.server.balancer.refresh()
+        if self.server.shared.record_failure(backend.slot, error.detail, self.config,
+                                             may_eject=len(self.server.balancer.backends) > 1):
+            log.warning("upstream %s out of rotation for %gs: %d failed requests in a row, last: %s",
+                        backend.label, self.config.fail_timeout, self.config.max_fails, error.detail)
 
-    def may_retry(self, request: Request, error: UpstreamError) -> bool:
-        """nginx's ``proxy_next_upstream error timeout``, kept safe: a request whose connection was
-        never established can go elsewhere; after that, only an idempotent one without a body (a
-        body that reached an upstream may have been acted on). An invalid response is not retried
-        (nginx: invalid_header is opt-in)."""
-        if error.kind == UpstreamError.CONNECT:
-            return True
-        return error.kind != UpstreamError.INVALID and replayable(request)
+    def may_retry(self, request: Request, error: UpstreamError, body: bytes | None) -> bool:
+        """HAProxy's retry-on, kept safe. A connect that failed (conn-failure) left nothing behind:
+        the request can go to the next upstream. An upstream that closed without answering
+        (empty-response) or did not answer in time (response-timeout) may have acted on the
+        request: only an idempotent one without a body goes on, and a timeout only when asked for
+        (re-sending a slow request multiplies the load exactly when an app struggles). An invalid
+        response is never retried (nginx: invalid_header is opt-in)."""
+        conditions = self.config.retry_conditions
+        if error.kind in ("connect", "tls"):
+            return "conn-failure" in conditions
+        if not replayable(request):
+            return False
+        if error.kind == "closed":
+            return "empty-response" in conditions
+        return error.kind == "timeout" and "response-timeout" in conditions
 
     def exchange(self, backend: Backend, request: Request, body: bytes | None):
-        """Send the request on a pooled connection and read the response head. A reused connection
-        that the upstream had closed meanwhile is replaced by a fresh one, once, if replay is safe."""
-        head = headers_for_upstream(request, self.client_ip, backend.host_header)
-        if body is not None:
+        """Send the request and read the response head: (connection, response, early). `early`:
+        the upstream answered before the body was all sent. A pooled connection that the upstream
+        had closed meanwhile is replaced by a fresh one, once, if replay is safe. Every failure is
+        raised as an UpstreamError (see classify)."""
+        expect = body is None and request.expect_continue
+        head = headers_for_upstream(request, self.client_ip, backend.host_header,
+                                    proto=self.stream.scheme.encode(), expect=expect)
+        if body:
             head += body
         for attempt in (1, 2):
-            conn = backend.pool.take_idle()
+            conn = None if request.upgrade else backend.pool.take_idle()
             reused = conn is not None
             if not reused:
                 conn = self.outside_gate(backend.pool.connect)
+            early_head = None
             try:
-                if request.framing == NO_BODY or body is not None:
-                    self.send(conn.sock, head)
+                if body is not None:
+                    self.send(conn.stream, head)
                 else:
-                    self.stream_request_body(conn, head, request)
-                if not unread(conn.reader):
-                    self.outside_gate(conn.reader.peek, 1)  # the upstream's think time
+                    early_head = self.stream_request_body(conn, head, request)
+                if early_head is None and not unread(conn.stream.reader):
+                    self.outside_gate(conn.stream.reader.peek, 1)  # the upstream's think time
                 response = conn.response_class(conn, request.method)
-                response.begin()
-                return conn, response
+                self.outside_gate(response.begin, self.relay_interim if expect else None,
+                                  request.upgrade, early_head)
+                return conn, response, early_head is not None
             except (OSError, EOFError, HTTPError) as error:
                 conn.close()
                 stale = reused and not isinstance(error, (socket.timeout, BlockingIOError, HTTPError))
                 if stale and attempt == 1 and replayable(request):
                     continue
-                raise self.upstream_error(error) from None
+                raise classify(error, self.config, connecting=False) from None
             except BaseException:
                 conn.close()
                 raise
         raise AssertionError("unreachable")
 
-    def upstream_error(self, error: BaseException) -> UpstreamError:
-        if isinstance(error, (socket.timeout, BlockingIOError)) or (
-                isinstance(error, HTTPError) and error.status == 408):
-            return UpstreamError(504, UpstreamError.TIMEOUT,
-                                 f"the upstream did not answer within {self.config.timeout:g}s")
-        if isinstance(error, HTTPError):
-            return UpstreamError(502, UpstreamError.INVALID, f"the upstream sent an invalid response: {error.detail}")
-        if isinstance(error, EOFError):
-            return UpstreamError(502, UpstreamError.CLOSED, f"the upstream {error}")
-        return UpstreamError(502, UpstreamError.CLOSED, f"the upstream connection failed: {describe_os_error(error)}")
+    # -- the request body ---------------------------------------------------------------------
 
     def arrived_body(self, request: Request) -> bytes | None:
         """A small body that arrived whole with (or right after) its head, else None: the body is
-        then streamed, its bytes passed on as they come."""
-        if not request.length:
+        then streamed, its bytes passed on as they come. A chunked one is decoded and goes on with
+        a Content-Length, in the same send as its head (as nginx buffers it)."""
+        if request.framing == NO_BODY or (request.framing == LENGTH and not request.length):
             return b""
-        self.send_continue(request)
+        if request.expect_continue and not unread(self.rfile):
+            return None  # the client waits for the upstream's 100 Continue (or its own timeout)
         try:
             arrived = unread(self.rfile) or len(self.outside_gate(self.rfile.peek, 1))
         except socket.timeout:
@@ -1500,26 +2505,47 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ClientError() from None
         if not arrived:
             raise ClientError()  # the client went away before its body: nobody to answer
-        if arrived < request.length or request.length > SMALL_BODY:
+        if request.framing == LENGTH:
+            if arrived < request.length or request.length > SMALL_BODY:
+                return None
+            return self.rfile.read(request.length)
+        try:
+            decoded = decode_buffered_chunked(self.rfile.peek(1), SMALL_BODY)
+        except HTTPError as error:
+            self.reject(error.status, error.detail)
+            raise ClientError() from None
+        if decoded is None:
             return None
-        return self.rfile.read(request.length)
+        body, used = decoded
+        if self.config.max_body_size and len(body) > self.config.max_body_size:
+            self.reject(413, f"request body larger than {self.config.max_body_size} bytes")
+            raise ClientError()
+        self.rfile.read(used)
+        request.framing, request.length = LENGTH, len(body)
+        return body
 
-    def send_continue(self, request: Request) -> None:
-        """RFC 9110 section 10.1.1: the client waits for 100 Continue before sending the body."""
-        if request.expect_continue and not self.continue_sent and request.version == b"HTTP/1.1":
-            self.continue_sent = True
-            self.client_write(CONTINUE)
-
-    def stream_request_body(self, conn: UpstreamConnection, head: bytes, request: Request) -> None:
-        self.send(conn.sock, head)
-        self.send_continue(request)
+    def stream_request_body(self, conn: UpstreamConnection, head: bytes, request: Request) -> bytes | None:
+        """Send the head, then the body as it arrives, watching the upstream all along: an answer
+        that begins before the body ends (a 413, a 401) stops the upload and is returned (its head)
+        to be relayed; a 100 Continue is passed to the client, who may be waiting for it."""
+        self.send(conn.stream, head)
+        self.upstream = conn
+        self.rfile.raw.watch = self.wait_for_body
         buffer = copy_buffers.get()
         try:
-            self.outside_gate(copy_body, self.rfile, conn.sock.sendall, request.framing, request.length,
+            self.outside_gate(copy_body, self.rfile, self.write_upstream, request.framing, request.length,
                               buffer, chunked_out=request.framing == CHUNKED, max_size=self.config.max_body_size)
+            return None
+        except EarlyResponse as answered:
+            return answered.args[0]
         except WriteError as error:
-            raise error.__cause__ from None  # the upstream's side: an UpstreamError follows
+            head = self.early_answer(conn)  # an upstream that answered and closed: pass its answer on
+            if head is not None:
+                return head
+            raise error.__cause__ from None
         except ReadError as error:
+            if isinstance(error.__cause__, EarlyResponse):
+                return error.__cause__.args[0]
             cause = error.__cause__
             if isinstance(cause, HTTPError):
                 self.reject(cause.status, cause.detail)
@@ -1527,13 +2553,78 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.reject(408, f"no request body data for {self.config.idle_timeout:g}s")
             raise ClientError() from None
         finally:
+            self.rfile.raw.watch = None
+            self.upstream = None
             copy_buffers.put(buffer)
 
+    def early_answer(self, conn: UpstreamConnection) -> bytes | None:
+        """If the upstream has begun an answer, read its head: a 100 Continue goes to the client
+        (once) and the wait goes on; a final head is returned. None: nothing to read yet."""
+        stream = conn.stream
+        config = self.config
+        while stream.has_data():
+            try:
+                head = read_head(stream.reader, config.max_request_line + config.max_header_size + 4,
+                                 config.max_request_line, time.monotonic() + config.timeout,
+                                 stream.set_timeout, response=True)
+            except (OSError, HTTPError):
+                return None  # no answer to pass on: the failure is reported as such
+            if head is None:
+                return None
+            if head[9:10] == b"1" and head[9:12] != b"101":
+                self.relay_interim(head)
+                continue
+            return head
+        return None
+
+    def relay_interim(self, head: bytes) -> None:
+        """An upstream's 100 Continue goes to a client that asked for it, once (RFC 9110 15.2.1:
+        other 1xx answers are dropped, as nginx does)."""
+        if head[9:12] == b"100" and not self.continue_sent and self.request_version == "HTTP/1.1":
+            self.continue_sent = True
+            self.client_write(CONTINUE)
+
+    def wait_for_body(self, client: Stream) -> None:
+        """Before each read of the request body: wait for the client's next bytes, or raise
+        EarlyResponse if the upstream answers first (who called: SocketReader.readinto)."""
+        upstream = self.upstream.stream
+        if client.pending():
+            return
+        deadline = time.monotonic() + self.config.idle_timeout
+        poller = select.poll()
+        poller.register(client.fileno(), select.POLLIN)
+        poller.register(upstream.fileno(), select.POLLIN)
+        while True:
+            head = self.early_answer(self.upstream)
+            if head is not None:
+                raise EarlyResponse(head)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            events = dict(poller.poll(remaining * 1000))
+            if client.fileno() in events:
+                return
+            if not events:
+                raise socket.timeout("timed out")
+
+    def write_upstream(self, data) -> None:
+        """One piece of the request body to the upstream (copy_body's write), never blocked by an
+        upstream that stopped reading because it has answered."""
+        conn = self.upstream
+        head = self.early_answer(conn)
+        if head is not None:
+            raise EarlyResponse(head)
+        conn.stream.write_watching(data, lambda: self.early_answer(conn), self.config.timeout)
+
+    # -- the response -------------------------------------------------------------------------
+
     def relay_response(self, backend: Backend, conn: UpstreamConnection, response: UpstreamResponse,
-                       request: Request) -> None:
+                       request: Request, early: bool) -> None:
         head = response.head
+        if head.status == 101:
+            return self.tunnel(backend, conn, response, request)
         framing = head.framing
-        keep_alive = request.keep_alive and not self.server.draining
+        keep_alive = request.keep_alive and not self.server.draining and not early
         chunked = False
         if framing == CHUNKED or framing == UNTIL_CLOSE:
             if request.version == b"HTTP/1.1":
@@ -1542,6 +2633,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 keep_alive = False  # an HTTP/1.0 client reads such a body until the close
         out = headers_for_client(head, chunked=chunked, keep_alive=keep_alive,
                                  http10=request.version == b"HTTP/1.0")
+        self.stats.response(backend.slot, request.method, head.status, time.monotonic() - self.started)
         done = False
         try:
             if framing == NO_BODY or (framing == LENGTH and not head.length):
@@ -1550,35 +2642,63 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.relay_body(conn, head, out, chunked)
             done = True
         except ReadError as error:
-            self.upstream_failed(backend, f"the upstream broke off the response body: {describe_os_error(error.__cause__)}")
+            failure = UpstreamError("body", 502, "the upstream broke off the response body: "
+                                                 f"{describe_os_error(error.__cause__)}")
+            self.stats.error(backend.slot, "body")
+            self.upstream_failed(backend, failure)
         except (WriteError, ClientError):
             pass  # the client went away
         finally:
             # Bytes after a complete response (a body on a 204, a second response nobody asked
             # for) mean the connection is out of step: never reuse it, or the next client would
-            # get them as its answer (response queue poisoning).
-            if done and head.keep_alive and not unread(conn.reader):
+            # get them as its answer (response queue poisoning). Nor one that answered before the
+            # request body was all sent: it may still expect the rest.
+            if done and head.keep_alive and not early and not unread(conn.stream.reader) \
+                    and not request.upgrade:
                 backend.pool.release(conn)
             else:
                 conn.close()
             response.close()
         if not done or not keep_alive:
             self.close_connection = True
+        if early:
+            self.linger = True  # the client may still be sending the body nobody reads
         if access_log.isEnabledFor(logging.INFO):
-            self.log_request(head.status, backend.url)
+            self.log_request(head.status, backend)
 
     def relay_body(self, conn: UpstreamConnection, head: ResponseHead, out: bytes, chunked: bool) -> None:
-        reader = conn.reader
+        reader = conn.stream.reader
         if head.framing == LENGTH and unread(reader) >= head.length:
             self.client_write(out + reader.read(head.length))  # the body is here: one send
             return
         self.client_write(out)
         buffer = copy_buffers.get()
         try:
-            self.outside_gate(copy_body, reader, self.sendall, head.framing, head.length, buffer,
-                              chunked_out=chunked)
+            self.sent += self.outside_gate(copy_body, reader, self.stream.sendall, head.framing,
+                                           head.length, buffer, chunked_out=chunked)
         finally:
             copy_buffers.put(buffer)
+
+    def tunnel(self, backend: Backend, conn: UpstreamConnection, response: UpstreamResponse,
+               request: Request) -> None:
+        """After a 101, the connection is a byte tunnel both ways (Go's switchProtocolCopier), out
+        of the fair gate, until either side closes or it idles past --tunnel-timeout."""
+        out = headers_for_client(response.head, chunked=False, keep_alive=True, http10=False,
+                                 upgrade=request.upgrade)
+        self.stats.response(backend.slot, request.method, 101, time.monotonic() - self.started)
+        self.close_connection = True
+        try:
+            self.client_write(out)
+        except ClientError:
+            conn.close()
+            return
+        if access_log.isEnabledFor(logging.INFO):
+            self.log_request(101, backend)
+        if self.gated:
+            self.gated = False
+            self.server.gate.leave(request_done=True)
+        Tunnel(self.stream, conn.stream, self.config.tunnel_timeout, self.stats).run()
+        conn.close()
 
     def outside_gate(self, call, *args, **kwargs):
         """Make a call that may block without holding a place in the gate, then queue again."""
@@ -1593,37 +2713,39 @@ class ProxyHandler(BaseHTTPRequestHandler):
             gate.enter()
             self.gated = True
 
-    def send(self, sock: socket.socket, data) -> None:
+    def send(self, stream: Stream, data) -> None:
         """sendall, except that what the kernel does not take at once is sent outside the gate."""
-        sent = send_now(sock, data, keep_gil=self.server.gate.keep_gil)
+        sent = stream.send_now(data, keep_gil=self.server.gate.keep_gil)
         if sent < len(data):
-            self.outside_gate(sock.sendall, memoryview(data)[sent:])
+            self.outside_gate(stream.sendall, memoryview(data)[sent:])
 
     def client_write(self, data: bytes) -> None:
         try:
-            self.send(self.connection, data)
+            self.send(self.stream, data)
         except OSError:
             raise ClientError() from None
+        self.sent += len(data)
 
     # -- the one error path -----------------------------------------------------------------------
 
     def reject(self, status: int, detail: str, *, close: bool = True, extra: bytes = b"") -> None:
         """Answer with a response of the balancer's own. `close` when the request (or its body) was
         not read whole: the connection cannot be reused, and is closed gently (see linger_close)."""
-        self.server.count_error()
         if close:
             self.close_connection = True
             self.linger = True
         log.log(logging.WARNING if status >= 500 else logging.DEBUG, "%s %s from %s answered %d: %s",
                 self.command or "-", self.path or "-", self.client_address[0], status, detail)
+        self.stats.response(0, self.command.encode("latin-1", "replace"), status,
+                            time.monotonic() - self.started)
         try:
-            self.send(self.connection, error_response(status, detail, close=close, extra=extra,
-                                                      head_only=self.command == "HEAD"))
-        except OSError:
+            self.client_write(error_response(status, detail, close=close, extra=extra,
+                                             head_only=self.command == "HEAD"))
+        except ClientError:
             self.close_connection = True
             self.linger = False
         if access_log.isEnabledFor(logging.INFO):
-            self.log_request(status, "-")
+            self.log_request(status, None)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's error hook, routed to the one error path."""
@@ -1631,34 +2753,150 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- logging hooks (http.server's names) ------------------------------------------------------
 
-    def log_request(self, code="-", upstream="-") -> None:
-        access_log.info('%s "%s %s %s" %s %s %.1fms', self.client_address[0], self.command or "-",
-                        self.path or "-", self.request_version or "-", code, upstream,
-                        (time.monotonic() - self.started) * 1000)
+    def log_request(self, code="-", backend: Backend | None = None) -> None:
+        access_log.info("%s", format_access_line(self.config.access_log_format, self, code, backend))
 
     def log_message(self, format: str, *args) -> None:
         log.info("%s " + format, self.client_address[0], *args)
 
 
-def linger_close(sock: socket.socket, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+def format_access_line(style: str, handler: ProxyHandler, status, backend: Backend | None) -> str:
+    """One access log line: `short` (this balancer's own), `common` and `combined` (Apache's and
+    nginx's), or `json` (one object a line, with the upstream, its status and the timings)."""
+    duration = time.monotonic() - handler.started
+    client = handler.client_address[0]
+    request_line = f"{handler.command or '-'} {handler.path or '-'} {handler.request_version or '-'}"
+    if style == "short":
+        return f'{client} "{request_line}" {status} {backend.url if backend else "-"} {duration * 1000:.1f}ms'
+    headers = getattr(handler, "headers", None) if handler.command else None
+    if style == "json":
+        return json.dumps({
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "client": client, "method": handler.command or None, "target": handler.path or None,
+            "version": handler.request_version or None, "status": status,
+            "upstream": backend.name if backend else None,
+            "upstream_address": f"{backend.host}:{backend.port}" if backend else None,
+            "upstream_status": status if backend else None,
+            "duration_ms": round(duration * 1000, 3), "bytes_sent": handler.sent,
+            "bytes_received": handler.rfile.raw.received - unread(handler.rfile) - handler.received_before,
+            "user_agent": headers.get("User-Agent") if headers else None,
+            "referer": headers.get("Referer") if headers else None}, separators=(",", ":"))
+    when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+    line = f'{client} - - [{when}] "{request_line}" {status} {handler.sent}'
+    if style == "combined":
+        referer = (headers.get("Referer") if headers else None) or "-"
+        agent = (headers.get("User-Agent") if headers else None) or "-"
+        line += f' "{referer}" "{agent}"'
+    return line
+
+
+def linger_close(stream: Stream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
     """Close after a response sent before the request was read whole: stop writing, then read and
     drop what the client still sends for a moment, so the close does not turn into a reset that
     destroys the response in flight (nginx's lingering_close)."""
     try:
-        sock.shutdown(socket.SHUT_WR)
+        stream.shutdown_write()
         deadline = time.monotonic() + seconds
         drained = 0
+        buffer = bytearray(65536)
         while drained < limit:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            set_timeout(sock, min(remaining, 0.5))
-            data = sock.recv(65536)
-            if not data:
+            stream.set_timeout(min(remaining, 0.5))
+            n = stream.reader.readinto(buffer)
+            if not n:
                 break
-            drained += len(data)
-    except OSError:
+            drained += n
+    except (OSError, ValueError):
         pass
+
+
+class Tunnel:
+    """The bytes of an upgraded connection (WebSocket and the like), both ways, from the
+    connection's own thread with a selector rather than a thread per direction. What one side
+    sends is written to the other; while such a write waits, reading from the side that feeds it
+    stops (back pressure). An end of stream from one side is passed on as a half-close (Go's
+    CloseWrite); the tunnel ends when both sides have ended, on an error, or after `idle` seconds
+    without a byte either way (HAProxy's timeout tunnel)."""
+
+    def __init__(self, client: Stream, upstream: Stream, idle: float, stats: WorkerStats):
+        self.client, self.upstream, self.idle, self.stats = client, upstream, idle, stats
+
+    def run(self) -> None:
+        self.stats.add(P_TUNNELS)
+        self.stats.add(P_TUNNELS_OPEN)
+        try:
+            self._run()
+        except OSError:
+            pass  # a reset, or a close by drain(): the tunnel is over
+        finally:
+            self.stats.add(P_TUNNELS_OPEN, -1)
+
+    def _run(self) -> None:
+        client, upstream = self.client, self.upstream
+        ends = (client, upstream)
+        other = {client: upstream, upstream: client}
+        counter = {client: P_TUNNEL_BYTES_UP, upstream: P_TUNNEL_BYTES_DOWN}
+        outbox = {client: bytearray(), upstream: bytearray()}  # bytes waiting to be written to it
+        reading = {client: True, upstream: True}
+        # What a reader already holds (a first frame that came with the upgrade request or with
+        # the 101) goes first.
+        for source in ends:
+            waiting = unread(source.reader)
+            if waiting:
+                outbox[other[source]] += source.reader.read(waiting)
+                self.stats.add(counter[source], waiting)
+        for stream in ends:
+            stream.set_nonblocking()
+        buffer = bytearray(READ_BUFFER)
+        interest = {client: 0, upstream: 0}
+        with selectors.DefaultSelector() as selector:
+            while True:
+                for stream in ends:
+                    if outbox[stream]:
+                        self.flush(stream, outbox[stream])
+                    if not outbox[stream] and not reading[other[stream]]:
+                        stream.shutdown_write()  # the other side ended: pass the half-close on
+                if not any(reading.values()) and not any(outbox.values()):
+                    return
+                for stream in ends:
+                    wanted = (selectors.EVENT_READ if reading[stream] and not outbox[other[stream]] else 0) | (
+                        selectors.EVENT_WRITE if outbox[stream] else 0)
+                    if wanted != interest[stream]:
+                        if not interest[stream]:
+                            selector.register(stream.sock, wanted, stream)
+                        elif not wanted:
+                            selector.unregister(stream.sock)
+                        else:
+                            selector.modify(stream.sock, wanted, stream)
+                        interest[stream] = wanted
+                # Decoded TLS bytes can wait above a socket that polls as empty.
+                ready = [s for s in ends if interest[s] & selectors.EVENT_READ and s.pending()]
+                if not ready:
+                    events = selector.select(self.idle)
+                    if not events:
+                        log.debug("tunnel idle for %gs: closed", self.idle)
+                        return
+                    ready = [key.data for key, mask in events if mask & selectors.EVENT_READ]
+                for stream in ready:
+                    n = stream.read_nonblocking(buffer)
+                    if n is None:
+                        continue
+                    if n == 0:
+                        reading[stream] = False
+                        continue
+                    outbox[other[stream]] += memoryview(buffer)[:n]
+                    self.stats.add(counter[stream], n)
+
+    @staticmethod
+    def flush(stream: Stream, data: bytearray) -> None:
+        """Write what the stream takes now, without waiting."""
+        while data:
+            n = stream.write_nonblocking(data)
+            if not n:
+                return
+            del data[:n]
 
 
 # ===================================================================================================
@@ -1667,35 +2905,47 @@ def linger_close(sock: socket.socket, seconds: float = 2.0, limit: int = 1 << 20
 
 class ProxyServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with what a proxy needs: a deep listen backlog accepted in bursts,
-    connection threads kept as spares for the next connections, a cap on connections (503 above it,
-    without starting a thread), SO_REUSEPORT for workers, and graceful draining."""
+    connection threads kept as spares for the next connections, a cap on connections (at the cap
+    the longest-idle keep-alive connection makes room; 503 only when all are busy), TLS, and
+    graceful draining. `listener`: a listening socket handed over by the supervisor, else it binds
+    --host and --port itself."""
 
     daemon_threads = True
     request_queue_size = 1024      # socketserver's 5 drops SYNs under load: 1 s client stalls
     allow_reuse_address = True
 
-    def __init__(self, config: Config, balancer: RoundRobin, *, reuse_port: bool = False):
-        self.config = config
-        self.balancer = balancer
-        self.reuse_port = reuse_port
+    def __init__(self, config: Config, balancer: RoundRobin, stats: WorkerStats, shared: SharedState,
+                 listener: socket.socket | None = None):
+        self.config, self.balancer, self.stats, self.shared = config, balancer, stats, shared
         self.draining = False
         self.connections = 0          # counted at accept, so that the cap holds under a burst
-        self.errors = 0
-        self.finished_requests = 0
+        self.evicting = 0             # idle connections closed to make room, not yet gone
         self.handlers: set = set()
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
+        self.drain_deadline = 0.0
         self.closer = LingeringCloser()
         self.gate = FairGate()
         self.spare_threads = 0        # connection threads waiting in handoff for a connection
         self.handoff: queue.SimpleQueue = queue.SimpleQueue()
+        self.refusals = RateLimitedLog(f"connections refused: all {config.max_connections} "
+                                       "connections are busy (--max-connections)")
+        self.tls: ssl.SSLContext | None = None
+        self.tls_generation = shared.header[H_TLS_GENERATION]
+        if config.tls_cert:
+            self.tls = server_tls_context(config.tls_cert, config.tls_key)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), ProxyHandler)
+        if listener is None:
+            super().__init__((config.host, config.port), ProxyHandler)
+        else:
+            super().__init__(listener.getsockname()[:2], ProxyHandler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+            self.socket.setblocking(False)
 
     def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Not HTTPServer.server_bind: its socket.getfqdn() is a reverse DNS query, slow offline.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
@@ -1719,22 +2969,39 @@ class ProxyServer(ThreadingHTTPServer):
 
     def process_request(self, request: socket.socket, client_address) -> None:
         with self.lock:
-            refused = "too many connections" if self.connections >= self.config.max_connections else (
-                "shutting down" if self.draining else None)
+            refused = "shutting down" if self.draining else None
+            if not refused and self.connections - self.evicting >= self.config.max_connections:
+                refused = None if self.make_room() else "too many connections"
             if not refused:
                 self.connections += 1
                 spare = self.spare_threads > 0
                 self.spare_threads -= spare
         if refused:
-            self.count_error()
-            log.debug("connection from %s refused: %s", client_address[0], refused)
+            self.stats.response(0, b"other", 503, 0.0)
+            if refused == "too many connections":
+                self.refusals.count()
             self.closer.reject(request, error_response(503, refused, close=True, extra=b"Retry-After: 1\r\n"))
-        elif spare:
+            return
+        self.stats.add(P_ACCEPTED)
+        if spare:
             self.handoff.put((request, client_address))
         else:
             # _thread rather than threading.Thread: Thread.start() waits until the new thread runs,
             # which under load means until it gets the GIL; the accept loop should not wait.
             _thread.start_new_thread(self.connection_thread, (request, client_address))
+
+    def make_room(self) -> bool:
+        """At the cap, close the keep-alive connection that has idled longest, as nginx does, so
+        that idle clients cannot lock new ones out. False when every connection is busy. Called
+        with the lock held."""
+        idle = [h for h in self.handlers if not h.busy and not h.evicted and h.stream is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda handler: handler.idle_since)
+        victim.evicted = True
+        self.evicting += 1
+        victim.stream.shutdown(socket.SHUT_RDWR)
+        return True
 
     def connection_thread(self, request: socket.socket, client_address) -> None:
         """Serves one connection, then waits as a spare thread for the next one handed over by
@@ -1759,39 +3026,65 @@ class ProxyServer(ThreadingHTTPServer):
                 # process_request() counted this thread out and is putting a connection: take it
                 request, client_address = self.handoff.get()
 
+    def open_stream(self, handler: ProxyHandler) -> Stream | None:
+        """The stream for a new connection; on a TLS listener after the handshake (None if it
+        failed: the connection is then closed). Who calls: ProxyHandler.setup."""
+        sock = handler.connection
+        if self.tls is None:
+            return Stream(sock)
+        if self.shared.header[H_TLS_GENERATION] != self.tls_generation:
+            self.reload_certificate()
+        sock.settimeout(self.config.header_timeout)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+            if first and first != b"\x16":  # not a TLS handshake record: plain HTTP, as nginx answers it
+                if not first.translate(None, TCHAR):
+                    self.stats.response(0, b"other", 400, 0.0)
+                    self.closer.reject(sock.dup(), error_response(
+                        400, "The plain HTTP request was sent to HTTPS port", close=True))
+                return None
+            tls_sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            handler.connection = tls_sock
+            tls_sock.do_handshake()
+        except (OSError, ValueError) as error:
+            log.debug("TLS handshake with %s failed: %s", handler.client_address[0], describe_os_error(error))
+            return None
+        return TLSStream(tls_sock)
+
+    def reload_certificate(self) -> None:
+        """Load a renewed certificate for new connections; a bad one leaves the old in use."""
+        generation = self.shared.header[H_TLS_GENERATION]
+        try:
+            self.tls = server_tls_context(self.config.tls_cert, self.config.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            log.error("kept the previous certificate: cannot load %s: %s", self.config.tls_cert,
+                      describe_os_error(error))
+        self.tls_generation = generation
+
     def track(self, handler: ProxyHandler, active: bool) -> None:
         with self.lock:
             if active:
                 self.handlers.add(handler)
+                self.stats.counters[P_CONNECTIONS] = len(self.handlers)
             else:
                 self.handlers.discard(handler)
-                self.finished_requests += handler.requests_seen
+                self.stats.counters[P_CONNECTIONS] = len(self.handlers)
+                if handler.evicted:
+                    self.evicting -= 1
                 self.drained.notify_all()
-
-    def requests_total(self) -> int:
-        """Client requests so far: each connection counts its own, without a lock per request."""
-        with self.lock:
-            return self.finished_requests + sum(h.requests_seen for h in self.handlers)
 
     def wake_drainer(self) -> None:
         with self.lock:
             self.drained.notify_all()
 
-    def count_error(self) -> None:
-        with self.lock:
-            self.errors += 1
-
-    def in_flight(self) -> int:
-        with self.lock:
-            return sum(1 for h in self.handlers if h.busy)
-
     def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error on the connection from %s", client_address[0])
 
     def drain(self, timeout: float) -> None:
-        """Let requests in flight finish (up to `timeout` seconds); close idle connections now."""
-        deadline = time.monotonic() + timeout
+        """Let requests in flight (and tunnels) finish, up to `timeout` seconds or until cut();
+        close idle connections now."""
         with self.lock:
+            self.drain_deadline = time.monotonic() + timeout
             self.draining = True
             for _ in range(self.spare_threads):  # each spare thread takes one and leaves
                 self.handoff.put((None, None))
@@ -1800,7 +3093,7 @@ class ProxyServer(ThreadingHTTPServer):
                 for handler in self.handlers:
                     if not handler.busy:  # waiting for a next request: end that wait
                         shutdown_socket(handler.connection, socket.SHUT_RD)
-                remaining = deadline - time.monotonic()
+                remaining = self.drain_deadline - time.monotonic()
                 if remaining <= 0 or not any(h.busy for h in self.handlers):
                     break
                 self.drained.wait(remaining)
@@ -1808,15 +3101,50 @@ class ProxyServer(ThreadingHTTPServer):
             for handler in self.handlers:
                 shutdown_socket(handler.connection, socket.SHUT_RDWR)
         if cut:
-            log.warning("drain timeout: %d request(s) in flight were cut off", cut)
+            log.warning("drain timeout: %d request(s) or tunnel(s) in flight were cut off", cut)
         self.closer.stop()
+
+    def cut(self) -> None:
+        """End a drain now: what is still in flight is cut off."""
+        with self.lock:
+            self.drain_deadline = 0.0
+            self.drained.notify_all()
 
 
 def shutdown_socket(sock: socket.socket, how: int) -> None:
     try:
-        sock.shutdown(how)
+        socket.socket.shutdown(sock, how)
     except OSError:
         pass
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The listener's TLS: TLS 1.2 and 1.3 with the ssl module's secure defaults, ALPN http/1.1."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class RateLimitedLog:
+    """A WARNING that may repeat many times a second, written at most once per
+    LOG_SUMMARY_SECONDS with how many times it happened."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.lock = threading.Lock()
+        self.unlogged = 0
+        self.next_at = 0.0
+
+    def count(self) -> None:
+        with self.lock:
+            self.unlogged += 1
+            now = time.monotonic()
+            if now < self.next_at:
+                return
+            count, self.unlogged, self.next_at = self.unlogged, 0, now + LOG_SUMMARY_SECONDS
+        log.warning("%s (%d since the last such line)", self.message, count)
 
 
 class LingeringCloser:
@@ -1885,24 +3213,128 @@ class LingeringCloser:
 
 
 class AdminHandler(BaseHTTPRequestHandler):
-    """``GET /status``: the balancer's state as JSON, for people and monitoring."""
+    """The admin listener (in the process that owns the balancer: the supervisor with workers):
+    ``GET /`` the dashboard, ``GET /status`` JSON, ``GET /metrics`` Prometheus text, and
+    ``POST /backends/<name>/drain|maint|ready``. HEAD works wherever GET does; another method gets
+    405 with Allow. Nothing is cached (Cache-Control: no-store). Errors on API paths are JSON."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"load_balancer/{__version__}"
+    timeout = 30
+    server: AdminServer
+    ACTIONS = ("drain", "maint", "ready")
 
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] in ("/status", "/status/"):
-            body = (json.dumps(self.server.status(), indent=2) + "\n").encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+    def handle_one_request(self) -> None:
+        """http.server's, with one dispatch for every method (its own answers 501 to a method it
+        has no do_ function for)."""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        if not self.raw_requestline or len(self.raw_requestline) > 65536:
+            self.close_connection = True
+            return
+        if not self.parse_request():
+            return
+        try:
+            self.dispatch()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def dispatch(self) -> None:
+        path, _, query = self.path.partition("?")
+        control = self.server.control
+        if path in ("/", "/index.html"):
+            allowed, page = ("GET", "HEAD"), lambda: (
+                "text/html; charset=utf-8", render_dashboard(control.status(history=False)).encode())
+        elif path in ("/status", "/status/"):
+            allowed, page = ("GET", "HEAD"), lambda: (
+                "application/json", (json.dumps(control.status(history="history=1" in query.split("&")),
+                                                indent=2) + "\n").encode())
+        elif path == "/metrics":
+            allowed, page = ("GET", "HEAD"), lambda: (
+                "text/plain; version=0.0.4; charset=utf-8", control.metrics().encode())
+        elif path.startswith("/backends/"):
+            return self.backend_action(path)
         else:
-            body = b"404 Not Found: try /status\n"
-            self.send_response(404)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            return self.answer(404, "text/plain; charset=utf-8",
+                               b"404 Not Found: try /, /status or /metrics\n")
+        if self.command not in allowed:
+            return self.not_allowed(allowed, api=path != "/")
+        content_type, body = page()
+        self.answer(200, content_type, body)
+
+    def backend_action(self, path: str) -> None:
+        parts = path.split("/")
+        if len(parts) != 4 or parts[3] not in self.ACTIONS:
+            return self.json_error(404, f"no such endpoint {path!r}: POST /backends/<name>/drain, "
+                                        "/maint or /ready")
+        if self.command != "POST":
+            return self.not_allowed(("POST",), api=True)
+        refusal = self.refuse_post()
+        if refusal:
+            return self.json_error(*refusal)
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= 65536:
+            self.rfile.read(int(length))
+        elif length or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+        name = urllib.parse.unquote(parts[2])
+        result = self.server.control.set_state(name, parts[3])
+        if result is None:
+            return self.json_error(404, f"no backend named {name!r}")
+        self.answer(200, "application/json", (json.dumps(result, indent=2) + "\n").encode())
+
+    def refuse_post(self) -> tuple[int, str] | None:
+        """Any web page a browser opens can POST to 127.0.0.1: a request from another origin is
+        refused (Origin, or Sec-Fetch-Site: cross-site), and with --admin-token every POST must
+        carry it as a bearer token."""
+        origin = self.headers.get("Origin")
+        own = f"http://{self.headers.get('Host', '')}"
+        if (origin is not None and origin != own) or self.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+            return 403, "cross-origin requests to the admin API are refused"
+        token = self.server.control.config.admin_token
+        if token:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return 401, "this admin API needs Authorization: Bearer <--admin-token>"
+        return None
+
+    def not_allowed(self, allowed: tuple, *, api: bool) -> None:
+        detail = f"{self.command} is not allowed here; allowed: {', '.join(allowed)}"
+        extra = {"Allow": ", ".join(allowed)}
+        if api:
+            return self.json_error(405, detail, extra)
+        self.answer(405, "text/plain; charset=utf-8", f"405 Method Not Allowed: {detail}\n".encode(), extra)
+
+    def json_error(self, status: int, detail: str, extra: dict | None = None) -> None:
+        extra = dict(extra or {})
+        if status == 401:
+            extra["WWW-Authenticate"] = 'Bearer realm="load_balancer admin"'
+        body = (json.dumps({"error": detail, "status": status}) + "\n").encode()
+        self.answer(status, "application/json", body, extra)
+
+    def answer(self, status: int, content_type: str, body: bytes, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line) in the same plain-text form."""
+        self.close_connection = True
+        try:
+            self.answer(code, "text/plain; charset=utf-8",
+                        f"{code} {HTTPStatus(code).phrase}: {message or ''}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass
 
     def log_message(self, format: str, *args) -> None:
         log.debug("admin: %s " + format, self.client_address[0], *args)
@@ -1910,27 +3342,724 @@ class AdminHandler(BaseHTTPRequestHandler):
 
 class AdminServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64
 
-    def __init__(self, address, status, *, reuse_port: bool = False):
-        self.status = status
-        self.reuse_port = reuse_port
+    def __init__(self, address, control: Control):
+        self.control = control
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)
 
     server_bind = ProxyServer.server_bind
 
+    def handle_error(self, request, client_address) -> None:
+        log.exception("unexpected error on the admin connection from %s", client_address[0])
+
+
+class RedirectHandler(BaseHTTPRequestHandler):
+    """--redirect-http-port: every request gets 308 to the same URL on https (a permanent redirect
+    that keeps the method, RFC 9110 section 15.4.9)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"load_balancer/{__version__}"
+    timeout = 10
+
+    def handle_one_request(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(8193)
+        except OSError:
+            self.close_connection = True
+            return
+        if not self.raw_requestline or not self.parse_request():
+            self.close_connection = True
+            return
+        host = (self.headers.get("Host") or self.server.server_name).rsplit("]", 1)
+        name = host[0] + "]" if len(host) == 2 else host[0].split(":")[0]
+        port = self.server.https_port
+        target = self.path if self.path.startswith("/") else "/"
+        location = f"https://{name}{'' if port == 443 else f':{port}'}{target}"
+        body = f"308 Permanent Redirect: {location}\n".encode()
+        self.send_response(308)
+        self.send_header("Location", location)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("redirect: %s " + format, self.client_address[0], *args)
+
+
+class RedirectServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, https_port: int):
+        self.https_port = https_port
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, RedirectHandler)
+
+    server_bind = ProxyServer.server_bind
+
 
 # ===================================================================================================
-# The load balancer: servers, balancer and checker together
+# Admin dashboard (GET / on the admin listener)
+# ===================================================================================================
+
+DASHBOARD_CSS = """
+:root{--bg:#0d1117;--panel:#151b23;--alt:#1c232d;--line:#29313c;--text:#e6edf3;--mute:#8d96a0;
+--accent:#4aa3ff;--up:#3fb950;--down:#f85149;--drain:#e3a008;--maint:#8d96a0;color-scheme:dark}
+@media (prefers-color-scheme:light){:root{--bg:#f4f6f8;--panel:#fff;--alt:#f3f5f7;--line:#d9dee4;
+--text:#1f2328;--mute:#626c76;--accent:#0969da;--up:#1a7f37;--down:#cf222e;--drain:#9a6700;
+--maint:#6e7781;color-scheme:light}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--text);font:14px/1.45 system-ui,-apple-system,
+"Segoe UI",Roboto,Helvetica,Arial,sans-serif;font-variant-numeric:tabular-nums}
+a{color:var(--accent)}
+.mono,.nm{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace}
+.mute,.sub{color:var(--mute)}
+.sub{display:block;font-size:12px}
+[hidden]{display:none!important}
+.nojs .js,table:not(.adm) .act{display:none}
+header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 18px;padding:10px 20px;
+background:var(--panel);border-bottom:1px solid var(--line)}
+h1{font-size:16px;margin:0;display:flex;align-items:center;gap:8px}
+h1 svg{color:var(--accent)}
+.meta{display:flex;flex-wrap:wrap;gap:4px 14px;color:var(--mute);font-size:13px}
+.meta b{color:var(--text);font-weight:500}
+.live{margin-left:auto;display:flex;align-items:center;gap:8px;font-size:13px;padding:3px 10px;
+border-radius:999px;border:1px solid var(--line)}
+.live i{width:8px;height:8px;border-radius:50%;background:var(--mute)}
+.live.ok i{background:var(--up);box-shadow:0 0 0 3px color-mix(in srgb,var(--up) 25%,transparent)}
+.live.lost{color:var(--down);border-color:var(--down);font-weight:600}
+.live.lost i{background:var(--down)}
+main{padding:16px 20px;max-width:1600px;margin:auto}
+.banner{padding:10px 14px;border-radius:8px;margin-bottom:14px;font-weight:500;border:1px solid}
+.panic{background:color-mix(in srgb,var(--drain) 15%,transparent);border-color:var(--drain)}
+.lost{background:color-mix(in srgb,var(--down) 13%,transparent);border-color:var(--down)}
+.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:10px;margin-bottom:14px}
+.tile,.panel{background:var(--panel);border:1px solid var(--line);border-radius:10px}
+.tile{padding:10px 14px;min-width:0}
+.tile h3,th,td::before{font-size:11px;font-weight:600;letter-spacing:.06em;text-transform:uppercase;
+color:var(--mute);margin:0}
+.tile b{display:block;font-size:24px;font-weight:600;line-height:1.3;white-space:nowrap}
+.tile small{color:var(--mute);font-size:12px;display:block;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis}
+.tile.hot b{color:var(--drain)}.tile.bad b{color:var(--down)}
+.grid2{display:grid;grid-template-columns:minmax(0,3fr) minmax(240px,1fr);gap:14px;margin-bottom:14px}
+.nojs .grid2{grid-template-columns:1fr}
+.panel{padding:12px 16px}
+.ph{display:flex;flex-wrap:wrap;align-items:center;gap:6px 14px;margin-bottom:8px}
+h2{font-size:14px;margin:0}
+.key{display:inline-block;width:10px;height:3px;vertical-align:middle;margin:0 4px 0 8px}
+.chart{position:relative;height:150px;padding-bottom:16px}
+.chart svg{width:100%;height:100%;display:block;border-bottom:1px solid var(--line)}
+.chart span{position:absolute;font-size:11px;color:var(--mute);bottom:0}
+.grid{stroke:var(--line);stroke-dasharray:3 4}
+.ar{fill:color-mix(in srgb,var(--accent) 18%,transparent)}
+.ln{fill:none;stroke:var(--accent);stroke-width:1.6}
+.er{fill:none;stroke:var(--down);stroke-width:2}
+svg path{vector-effect:non-scaling-stroke}
+.bar{display:flex;height:10px;border-radius:5px;overflow:hidden;background:var(--alt);margin:10px 0}
+dl{display:grid;grid-template-columns:auto 1fr;gap:3px 12px;margin:0;font-size:13px}
+dt{color:var(--mute)}dd{margin:0;text-align:right}
+dt i{display:inline-block;width:8px;height:8px;border-radius:2px;margin-right:6px}
+.chips{display:flex;gap:6px;flex-wrap:wrap}
+.chip{font-size:12px;padding:1px 9px;border-radius:999px;background:var(--alt);color:var(--mute)}
+.chip b{color:var(--text)}
+.chip::before,.badge::before{content:"";display:inline-block;width:7px;height:7px;border-radius:50%;
+background:var(--c);margin-right:6px;vertical-align:1px}
+.scroll{overflow-x:auto;margin:0 -16px}
+table{border-collapse:collapse;width:100%}
+th,td{padding:7px 8px;text-align:left;border-top:1px solid var(--line)}
+th{border-top:0;vertical-align:bottom;line-height:1.25}
+th:first-child,td:first-child{padding-left:16px}
+.num{text-align:right;white-space:nowrap}
+tbody tr:hover{background:var(--alt)}
+td.name{white-space:nowrap;box-shadow:inset 3px 0 var(--c,transparent)}
+.nm{font-weight:600;display:inline-block;max-width:200px;overflow:hidden;text-overflow:ellipsis;
+vertical-align:bottom}
+.tag{font-size:11px;margin-right:4px;padding:0 5px;border-radius:4px;border:1px solid var(--line)}
+.s-up{--c:var(--up)}.s-down{--c:var(--down)}.s-drain{--c:var(--drain)}.s-maint{--c:var(--maint)}
+.state .sub{white-space:nowrap}
+.badge{display:inline-block;padding:0 9px 1px;border-radius:999px;font-weight:700;font-size:15px;
+font-variant-caps:all-small-caps;letter-spacing:.05em;color:var(--c,var(--mute));
+background:color-mix(in srgb,var(--c,var(--mute)) 15%,transparent)}
+.s-maint td:not(.state):not(.act){opacity:.6}
+.reason{min-width:170px;font-size:13px}
+.err{color:var(--mute)}.err.bad{color:var(--down)}
+.hist svg{width:120px;height:30px;display:block}
+.seg{display:inline-flex;border:1px solid var(--line);border-radius:6px;overflow:hidden}
+button{font:inherit;font-size:12px;padding:2px 8px;border:0;background:none;color:var(--text);cursor:pointer}
+.seg button+button{border-left:1px solid var(--line)}
+button:hover:not(:disabled){background:var(--alt)}
+button:disabled{cursor:default}
+button.on{font-weight:600;color:var(--c);background:color-mix(in srgb,var(--c) 15%,transparent)}
+[data-act=ready]{--c:var(--up)}[data-act=drain]{--c:var(--drain)}[data-act=maint]{--c:var(--maint)}
+#toast{position:fixed;right:16px;bottom:16px;max-width:420px;padding:10px 14px;border-radius:8px;
+background:var(--panel);border:1px solid var(--accent);box-shadow:0 6px 24px #0006}
+#toast.err{border-color:var(--down);color:var(--down)}
+footer{color:var(--mute);font-size:12px;padding:0 20px 20px;text-align:center}
+@media (max-width:700px){
+header,main{padding:10px 12px}.live{margin-left:0}
+main{display:flex;flex-direction:column}.grid2{order:1}
+.grid2{grid-template-columns:1fr}
+.tiles{grid-template-columns:repeat(3,minmax(0,1fr));gap:6px}
+.tile{padding:6px 10px}.tile b{font-size:18px}.tile h3{font-size:10px;letter-spacing:.02em}
+.tile small{font-size:11px}.chart{height:120px}
+.scroll{margin:0;overflow:visible}
+table,tbody,td{display:block}
+thead{display:none}
+tr{display:grid;grid-template-columns:repeat(4,minmax(0,1fr));gap:6px 8px;padding:10px 12px;margin-top:10px;
+border:1px solid var(--line);border-radius:10px;border-left:4px solid var(--c,var(--line))}
+td,td:first-child,td.num{padding:0;border:0;text-align:left;box-shadow:none;min-width:0}
+.nm{max-width:100%}
+.err .sub{display:inline;margin-left:4px}
+td.name,td.state{grid-column:span 2}
+td.state{text-align:right}
+td.reason,td.hist,td.act,tr.none td{grid-column:1/-1}
+td::before{display:block}
+td.rate::before{content:"Req/s"}td.requests::before{content:"Requests"}
+td.err::before{content:"Errors"}td.p50::before{content:"p50 ms"}td.p99::before{content:"p99 ms"}
+td.inflight::before{content:"In flight"}td.idle::before{content:"Idle conns"}
+td.hist::before{content:"Last 5 min: req/s, errors in red"}
+.hist svg{width:100%;height:44px}
+}
+"""
+
+DASHBOARD_JS = r"""
+"use strict";
+(() => {
+const WINDOW = 300;                 // seconds of history kept and drawn
+const $ = (id) => document.getElementById(id);
+const rows = new Map(), series = new Map(), total = {t: [], r: [], e: []};
+let prev = null, skew = 0, gap = 3, lastOk = null;
+
+const num = (v) => (typeof v === "number" && isFinite(v)) ? v : 0;
+const sum = (o) => Object.values(o || {}).reduce((a, v) => a + num(v), 0);
+const rate = (v) => v >= 1e6 ? (v / 1e6).toFixed(1) + "M" : v >= 1e4 ? (v / 1e3).toFixed(1) + "k"
+  : v >= 100 || v === 0 ? String(Math.round(v)) : v.toFixed(1);
+const ms = (v) => typeof v !== "number" ? "–"
+  : v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : String(Math.round(v));
+const pct = (v) => v === 0 ? "0%" : v < 0.1 ? "<0.1%" : v < 10 ? v.toFixed(1) + "%" : Math.round(v) + "%";
+const p2 = (n) => String(n).padStart(2, "0");
+function dur(s) {
+  s = Math.max(0, Math.floor(s));
+  const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
+  return d ? d + "d " + h + "h" : h ? h + "h " + p2(m) + "m" : m ? m + "m " + p2(s % 60) + "s" : s + "s";
+}
+function bytes(n) {
+  let i = 0;
+  for (; n >= 1024 && i < 4; i++) n /= 1024;
+  return (i ? n.toFixed(1) : n) + " " + ["B", "KiB", "MiB", "GiB", "TiB"][i];
+}
+// Writes only what changed, so that hovering and text selection survive the poll.
+function put(el, v) { v = String(v); if (el.textContent !== v) el.textContent = v; }
+
+// The server's clock, from its own numbers: the browser's clock may be off, and history
+// timestamps are the server's. `started` has whole seconds only; `skew` makes up for that.
+function clock(s) {
+  const st = Date.parse(s.started);
+  return (isFinite(st) ? st / 1000 + num(s.uptime_seconds) : Date.now() / 1000) + skew;
+}
+
+function track(name) {
+  let s = series.get(name);
+  if (!s) series.set(name, s = {t: [], r: [], e: [], last: null, now: null, at: 0});
+  return s;
+}
+// Rates are differences of cumulative counters over the server's time between two samples.
+function feed(s, t, req, err) {
+  const l = s.last;
+  if (l && t - l.t < 0.25) return;  // too close to the previous sample for a meaningful rate
+  s.last = {t, req, err};
+  if (!l) return;
+  const dt = t - l.t, dr = req - l.req, de = err - l.err;
+  if (dr < 0 || de < 0) { s.now = null; return; }  // counters went back: restart or reload
+  s.now = {r: dr / dt, e: de / dt, p: dr ? Math.min(100, 100 * de / dr) : de ? 100 : 0};
+  s.t.push(t); s.r.push(dr / dt); s.e.push(de / dt); s.at = t;
+}
+function trim(s, now) {
+  let i = 0;
+  while (i < s.t.length && s.t[i] < now - WINDOW - 5) i++;
+  if (i) { s.t.splice(0, i); s.r.splice(0, i); s.e.splice(0, i); }
+}
+
+function backfill(st) {
+  const h = st.history;
+  if (!h || !Array.isArray(h.t) || !h.t.length) return;
+  gap = Math.max(3, 3 * num(h.interval_seconds));
+  skew = Math.max(0, h.t[h.t.length - 1] - clock(st));
+  const sums = new Map();
+  for (const [name, v] of Object.entries(h.backends || {})) {
+    const s = track(name), req = v.requests || [], err = v.errors || [];
+    h.t.forEach((t, i) => {
+      if (typeof req[i] !== "number") return;
+      feed(s, t, req[i], num(err[i]));
+      if (s.at !== t) return;
+      const a = sums.get(t) || [0, 0];
+      a[0] += s.now.r; a[1] += s.now.e; sums.set(t, a);
+    });
+    // The live counters start a new baseline: the last history sample may be up to one
+    // interval older than this response, and our clock for it is only known to a second.
+    s.last = null;
+  }
+  for (const t of [...sums.keys()].sort((a, b) => a - b)) {
+    total.t.push(t); total.r.push(sums.get(t)[0]); total.e.push(sums.get(t)[1]);
+  }
+}
+
+function nice(v) {
+  if (v <= 1) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  return [1.5, 2, 3, 4, 5, 6, 8, 10].find((f) => v <= f * p) * p;
+}
+// Requests/s as a line over a light area; errors/s as red spikes from the baseline, so that a
+// single failed request stays visible next to hundreds of good ones.
+function draw(svg, s, now) {
+  const [w, h] = svg.getAttribute("viewBox").split(" ").slice(2).map(Number), t0 = now - WINDOW;
+  let top = 0;
+  s.t.forEach((t, i) => { if (t >= t0) top = Math.max(top, s.r[i], s.e[i]); });
+  top = nice(top);
+  const X = (t) => ((t - t0) / WINDOW * w).toFixed(1), Y = (v) => (h - 1 - v / top * (h - 4)).toFixed(1);
+  let ln = "", ar = "", er = "", first = null, px = null;
+  const close = () => { if (first !== null) ar += "L" + px + " " + h + "L" + first + " " + h + "Z"; };
+  s.t.forEach((t, i) => {
+    if (t < t0) return;
+    const x = X(t), y = Y(s.r[i]);
+    const gapped = first === null || t - s.t[i - 1] > gap;  // a missed poll breaks the line
+    if (gapped) { close(); first = x; }
+    ln += (gapped ? "M" : "L") + x + " " + y; ar += (gapped ? "M" : "L") + x + " " + y;
+    px = x;
+    if (s.e[i] > 0) er += "M" + x + " " + h + "V" + Math.min(h - 3, +Y(s.e[i]));
+  });
+  close();
+  svg.querySelector(".ar").setAttribute("d", ar);
+  svg.querySelector(".ln").setAttribute("d", ln);
+  svg.querySelector(".er").setAttribute("d", er);
+  return top;
+}
+
+// The chart and the buttons are built here rather than server-side: they need the script anyway.
+const SPARK = '<svg viewBox="0 0 300 40" preserveAspectRatio="none" aria-hidden="true">' +
+  '<path class="ar"/><path class="ln"/><path class="er"/></svg>';
+const BUTTONS = '<span class="seg">' + ["ready", "drain", "maint"].map((a) =>
+  `<button data-act="${a}" title="POST backends/&lt;name&gt;/${a}">${a[0].toUpperCase() + a.slice(1)}</button>`).join("") + "</span>";
+function row(name) {
+  let tr = rows.get(name);
+  if (!tr) {
+    tr = $("row-tpl").content.firstElementChild.cloneNode(true);
+    tr.setAttribute("data-backend", name);
+    rows.set(name, tr);
+  }
+  if (!tr._c) {
+    tr.querySelector(".hist").innerHTML = SPARK;
+    tr.querySelector(".act").innerHTML = BUTTONS;
+    tr._c = {buttons: tr.querySelectorAll("button")};
+    for (const el of tr.querySelectorAll("[class]")) tr._c[el.classList[0]] ||= el;
+  }
+  return tr;
+}
+
+function fill(tr, b, s, now) {
+  const c = tr._c, st = String(b.state || "unknown"), w = b.weight;
+  tr.className = "s-" + st;
+  put(c.nm, b.name); c.nm.title = b.url || "";
+  c.bk.hidden = !b.backup;
+  c.wt.hidden = w === 1 || w === undefined || w === null; put(c.wt, "weight " + w);
+  c.state.setAttribute("data-state", st); put(c.badge, st);
+  const sub = [b.health === "unchecked" ? "no checks" : b.health ? "health " + b.health : "", b.admin || "",
+    b.ejected ? "ejected" : ""].filter(Boolean);
+  put(c.adm, sub.join(" · "));
+  const ck = b.checks || {};
+  c.state.title = `checks passed ${num(ck.passed)}, failed ${num(ck.failed)}; ` +
+    `consecutive failures ${num(b.consecutive_failures)}; retries ${num(b.retries)}`;
+  put(c.why, b.reason || "");
+  const since = Date.parse(b.since) / 1000;
+  put(c.since, isFinite(since) ? "for " + dur(now - since) : ""); c.since.title = b.since || "";
+  put(c.rate, s.now ? rate(s.now.r) : "–");
+  put(c.requests, num(b.requests));
+  const errs = sum(b.errors), reqs = num(b.requests);
+  put(c.eps, s.now ? rate(s.now.e) + "/s" : "–");
+  put(c.epc, s.now ? pct(s.now.p) : "");
+  c.err.classList.toggle("bad", !!(s.now && s.now.e > 0));
+  c.err.title = `${errs} errors in total (${pct(reqs ? 100 * errs / reqs : 0)} of ${reqs} requests): ` +
+    Object.entries(b.errors || {}).map(([k, v]) => k + " " + v).join(", ") +
+    `; upstream 5xx ${num((b.responses || {})["5xx"])}`;
+  const lat = b.latency_ms || {};
+  put(c.p50, ms(lat.p50)); put(c.p99, ms(lat.p99));
+  put(c.inflight, num(b.in_flight)); put(c.idle, num(b.idle_connections));
+  const top = draw(c.hist.querySelector("svg"), s, now);
+  c.hist.title = `scale 0–${top} req/s over the last 5 minutes; red: errors/s`;
+  c.act.hidden = b.admin === undefined;
+  for (const btn of c.buttons) {
+    btn.disabled = btn.dataset.act === b.admin;
+    btn.classList.toggle("on", btn.dataset.act === b.admin);
+  }
+}
+
+function render(st) {
+  const now = clock(st), backends = Array.isArray(st.backends) ? st.backends : [];
+  put($("version"), st.version || "?"); put($("pid"), st.pid ?? "?"); put($("listen"), st.listen || "");
+  put($("uptime"), dur(num(st.uptime_seconds)));
+  $("panic").hidden = !st.panic;
+
+  const req = num(st.requests_total), ref = num(st.refused_total), fail = num(st.failed_total);
+  let rps = null, rr = 0, fr = 0;
+  if (prev && now - prev.t >= 0.25 && req >= prev.req) {
+    const dt = now - prev.t;
+    rps = (req - prev.req) / dt; rr = Math.max(0, ref - prev.ref) / dt; fr = Math.max(0, fail - prev.fail) / dt;
+  }
+  if (!prev || now - prev.t >= 0.25) prev = {t: now, req, ref, fail};
+  if (rps !== null) put($("t-rps"), rate(rps));
+  put($("requests-total"), req);
+  put($("t-inflight"), num(st.in_flight)); put($("t-conns"), num(st.connections));
+  const tun = st.tunnels || {};
+  put($("t-tunnels"), num(tun.open)); put($("t-tunnels-total"), num(tun.total) + " total");
+  put($("t-refused"), ref); put($("t-refused-rate"), rr ? "+" + rate(rr) + "/s now" : "4xx by balancer");
+  put($("t-failed"), fail); put($("t-failed-rate"), fr ? "+" + rate(fr) + "/s now" : "5xx by balancer");
+  $("tile-refused").classList.toggle("hot", rr > 0); $("tile-failed").classList.toggle("bad", fr > 0);
+  put($("t-uptime"), dur(num(st.uptime_seconds)));
+  const started = new Date(st.started);
+  if (isFinite(started)) put($("t-started"), "since " + started.toLocaleString([],
+    {month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23"}));
+  const wk = Array.isArray(st.workers) ? st.workers : [];
+  put($("t-workers"), wk.length || 1);
+  put($("t-pids"), wk.length ? "pids " + wk.map((w) => w.pid).join(", ") : "pid " + (st.pid ?? "?"));
+  $("tile-workers").title = wk.map((w) => `#${w.index} pid ${w.pid}: ${num(w.connections)} connections, ` +
+    `${num(w.requests)} requests, ${num(w.restarts)} restarts`).join("\n");
+
+  const rs = st.responses || {}, all = sum(rs);
+  for (const k of ["1xx", "2xx", "3xx", "4xx", "5xx"]) {
+    put($("r-" + k), num(rs[k]));
+    const bar = $("b-" + k);
+    if (bar) bar.style.width = (all ? 100 * num(rs[k]) / all : 0) + "%";
+  }
+  put($("bytes-in"), bytes(num(st.bytes_received))); put($("bytes-out"), bytes(num(st.bytes_sent)));
+
+  const seen = new Set(), tbody = $("rows"), counts = {up: 0, down: 0, drain: 0, maint: 0};
+  let rsum = 0, esum = 0, fresh = false;
+  backends.forEach((b, i) => {
+    const name = String(b.name), s = track(name), tr = row(name);
+    seen.add(name);
+    feed(s, now, num(b.requests), sum(b.errors));
+    if (s.at === now) { rsum += s.now.r; esum += s.now.e; fresh = true; }
+    trim(s, now);
+    fill(tr, b, s, now);
+    counts[b.state] = (counts[b.state] || 0) + 1;
+    if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
+  });
+  for (const [name, tr] of rows) if (!seen.has(name)) { tr.remove(); rows.delete(name); series.delete(name); }
+  for (const name of series.keys()) if (!seen.has(name)) series.delete(name);
+  $("none").hidden = backends.length > 0;
+  if (!$("none").hidden) tbody.appendChild($("none"));
+  $("upstreams").classList.toggle("adm", backends.some((b) => b.admin !== undefined));
+  for (const k of Object.keys(counts)) {
+    const el = $("n-" + k);
+    if (el) { put(el.firstChild, counts[k]); el.style.opacity = counts[k] ? 1 : 0.5; }
+  }
+  document.title = (counts.down ? `▼ ${counts.down} down · ` : "") + "Load balancer " + (st.listen || "");
+
+  if (fresh) { total.t.push(now); total.r.push(rsum); total.e.push(esum); }
+  trim(total, now);
+  put($("c-max"), draw($("chart"), total, now) + " req/s");
+}
+
+function connected(ok, why) {
+  const live = $("live");
+  live.className = "live " + (ok ? "ok" : "lost");
+  if (ok) lastOk = new Date();
+  put($("live-text"), ok ? "Live" : "Connection lost");
+  put($("updated"), lastOk ? (ok ? "updated " : "last data ") + lastOk.toLocaleTimeString() : "no data yet");
+  $("lost").hidden = ok;
+  if (!ok) put($("lost-why"), `${why}. Showing the last data received` +
+    (lastOk ? ` (${lastOk.toLocaleTimeString()})` : "") + "; retrying every second.");
+}
+
+async function get(url) {
+  const ctl = new AbortController(), timer = setTimeout(() => ctl.abort(), 3000);
+  try {
+    const r = await fetch(url, {cache: "no-store", signal: ctl.signal});
+    if (!r.ok) throw new Error(`/status answered ${r.status}`);
+    return await r.json();
+  } catch (e) {
+    throw new Error(e.name === "AbortError" ? "/status did not answer within 3 s"
+      : e instanceof TypeError ? `cannot reach /status (${e.message})` : e.message);
+  } finally { clearTimeout(timer); }
+}
+
+// setTimeout after each answer rather than setInterval: a slow balancer gets one poll at a time.
+async function tick(first) {
+  const began = Date.now();
+  let st = null;
+  try { st = await get(first === true ? "status?history=1" : "status"); connected(true); }
+  catch (e) { connected(false, e.message); }
+  if (st) {
+    try { if (first === true) backfill(st); render(st); }
+    catch (e) { console.error(e); toast("Dashboard error: " + e.message, true); }
+  }
+  setTimeout(tick, Math.max(100, 1000 - (Date.now() - began)));
+}
+
+let toastTimer = 0;
+function toast(msg, bad) {
+  const t = $("toast");
+  put(t, msg); t.className = bad ? "err" : ""; t.hidden = false;
+  clearTimeout(toastTimer); toastTimer = setTimeout(() => { t.hidden = true; }, bad ? 10000 : 4000);
+}
+
+document.addEventListener("click", async (ev) => {
+  const btn = ev.target.closest("button[data-act]");
+  if (!btn) return;
+  const name = btn.closest("tr").getAttribute("data-backend"), act = btn.dataset.act;
+  const ask = {drain: `Drain ${name}? It finishes what it has and gets no new requests.`,
+               maint: `Put ${name} in maintenance? It is taken out of rotation at once.`}[act];
+  if (ask && !confirm(ask)) return;
+  btn.disabled = true;
+  try {
+    // Upstream names are host:port; keep the colon readable in the path.
+    const r = await fetch(`backends/${encodeURIComponent(name).replace(/%3A/gi, ":")}/${act}`,
+                          {method: "POST", cache: "no-store"});
+    const body = (await r.text()).trim().slice(0, 300);
+    if (r.ok) toast(`${name}: ${act} accepted`);
+    else toast(`${name}: ${act} refused (${r.status}${r.status === 401 || r.status === 403 ?
+      ", not allowed from here" : ""}) ${body}`, true);
+  } catch (e) { toast(`${name}: ${act} failed: ${e.message}`, true); }
+  btn.disabled = false;
+});
+
+for (const tr of document.querySelectorAll("#rows tr[data-backend]")) rows.set(tr.getAttribute("data-backend"), tr);
+put($("live-text"), "Connecting…");
+tick(true);
+})();
+"""
+
+DASHBOARD_PAGE = string.Template("""<!DOCTYPE html>
+<html lang="en" class="nojs">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="dark light">
+<title>$title</title>
+<link rel="icon" href="data:,">
+<script>document.documentElement.className = "js"</script>
+<noscript><meta http-equiv="refresh" content="10"></noscript>
+<style>$css</style>
+</head>
+<body>
+<header>
+<h1><svg width="20" height="20" viewBox="0 0 24 24" fill="none" stroke="currentColor" stroke-width="2"
+ stroke-linecap="round" aria-hidden="true"><circle cx="4" cy="12" r="2.5"/><path d="M6.5 12H11l7-7M11 12h7M11 12l7 7"/>
+<circle cx="20" cy="5" r="1.5"/><circle cx="20" cy="12" r="1.5"/><circle cx="20" cy="19" r="1.5"/></svg>
+Load balancer</h1>
+<div class="meta"><span class="mono" id="listen">$listen</span><span>version <b id="version">$version</b></span>
+<span>pid <b id="pid">$pid</b></span><span>up <b id="uptime">$uptime</b></span></div>
+<div id="live" class="live" role="status" aria-live="polite"><i></i><span id="live-text">Snapshot</span>
+<span id="updated" class="mute">$rendered</span></div>
+</header>
+<main>
+<noscript><div class="banner lost">JavaScript is off: this is a snapshot taken at $rendered,
+reloaded every 10 seconds. Rates and charts need JavaScript.</div></noscript>
+<div id="panic" class="banner panic" role="alert"$panic_hidden>&#9888; Panic mode: every upstream is out after
+failed requests, so requests are tried on them anyway; the first one that succeeds ends it.</div>
+<div id="lost" class="banner lost" role="alert" hidden><b>&#9888; Connection lost.</b> <span id="lost-why"></span></div>
+<section class="tiles">
+<div class="tile"><h3>Requests/s</h3><b id="t-rps">–</b><small><span id="requests-total">$requests</span> total</small></div>
+<div class="tile"><h3>In flight</h3><b id="t-inflight">$in_flight</b><small>requests</small></div>
+<div class="tile"><h3>Connections</h3><b id="t-conns">$connections</b><small>from clients</small></div>
+<div class="tile"><h3>Open tunnels</h3><b id="t-tunnels">$tunnels</b><small id="t-tunnels-total">$tunnels_total total</small></div>
+<div class="tile" id="tile-refused"><h3>Refused</h3><b id="t-refused">$refused</b><small id="t-refused-rate">4xx by balancer</small></div>
+<div class="tile" id="tile-failed"><h3>Failed</h3><b id="t-failed">$failed</b><small id="t-failed-rate">5xx by balancer</small></div>
+<div class="tile"><h3>Uptime</h3><b id="t-uptime">$uptime</b><small id="t-started" title="$started">since $started</small></div>
+<div class="tile" id="tile-workers" title="$workers_title"><h3>Workers</h3><b id="t-workers">$workers</b><small id="t-pids">$pids</small></div>
+</section>
+<div class="grid2">
+<section class="panel js">
+<div class="ph"><h2>Traffic to upstreams</h2><span class="mute" style="font-size:12px">
+<i class="key" style="background:var(--accent)"></i>requests/s<i class="key" style="background:var(--down)"></i>errors/s
+&nbsp;· last 5 minutes</span></div>
+<div class="chart"><svg id="chart" viewBox="0 0 1000 150" preserveAspectRatio="none" aria-hidden="true">
+<path class="grid" d="M0 37.5H1000M0 75H1000M0 112.5H1000"/><path class="ar"/><path class="ln"/><path class="er"/></svg>
+<span id="c-max" style="top:2px;left:4px;bottom:auto"></span><span style="left:0">−5 min</span>
+<span style="left:50%">−2.5 min</span><span style="right:0">now</span></div>
+</section>
+<section class="panel">
+<h2>Responses to clients</h2>
+<div class="bar">$bars</div>
+<dl>$codes
+<dt>Received</dt><dd id="bytes-in">$bytes_in</dd><dt>Sent</dt><dd id="bytes-out">$bytes_out</dd></dl>
+</section>
+</div>
+<section class="panel">
+<div class="ph"><h2>Upstreams</h2><span class="chips">$chips</span></div>
+<div class="scroll"><table id="upstreams"><thead><tr><th>Upstream</th><th>State</th><th>Reason</th>
+<th class="num js">Req/s</th><th class="num">Requests</th><th class="num">Errors</th><th class="num">p50<br>ms</th>
+<th class="num">p99<br>ms</th><th class="num">In<br>flight</th><th class="num">Idle<br>conns</th>
+<th class="js">Last 5 min<br><span style="text-transform:none;font-weight:400">req/s, errors red</span></th>
+<th class="js act">Admin</th></tr></thead>
+<tbody id="rows">$rows<tr id="none" class="none"$none_hidden><td colspan="12" class="mute">No upstreams configured.</td></tr></tbody>
+</table></div>
+</section>
+</main>
+<footer>All numbers come from <a href="status">/status</a> (JSON).</footer>
+<div id="toast" role="status" hidden></div>
+<template id="row-tpl">$template_row</template>
+<script>$js</script>
+</body>
+</html>
+""")
+
+
+def _dashboard_number(value: object) -> int | float:
+    """A counter from the status dict, or 0 for anything that is not one, so that a missing or
+    odd field shows as 0 instead of breaking the whole page."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    return value
+
+
+def _dashboard_duration(seconds: object) -> str:
+    """Same format as the page script's dur(): "3d 4h", "2h 05m", "5m 07s", "12s"."""
+    s = int(max(0, _dashboard_number(seconds)))
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m:02d}m"
+    return f"{m}m {s % 60:02d}s" if m else f"{s}s"
+
+
+def _dashboard_bytes(n: object) -> str:
+    """Same format as the page script's bytes()."""
+    value, unit = _dashboard_number(n), 0
+    while value >= 1024 and unit < 4:
+        value, unit = value / 1024, unit + 1
+    return (f"{value:.1f}" if unit else f"{value:g}") + " " + ("B", "KiB", "MiB", "GiB", "TiB")[unit]
+
+
+def _dashboard_ms(value: object) -> str:
+    """Same format as the page script's ms(): "–" when there was no request to measure."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{round(value)}"
+
+
+def _dashboard_row(backend: dict) -> str:
+    """One upstream's <tr>. The page script fills the same cells (found by class) on every poll,
+    and clones a blank one (``backend == {}``) from <template> for an upstream a reload added.
+    The blank one has no data-backend or data-state, so that no test or scraper counts it."""
+    e = html.escape
+    name, url = str(backend.get("name", "")), str(backend.get("url", ""))
+    state = str(backend.get("state", "")) if backend else ""
+    weight = backend.get("weight", 1)
+    health, admin = backend.get("health"), backend.get("admin")
+    sub = ["no checks" if health == "unchecked" else f"health {health}" if health else "",
+           str(admin or ""), "ejected" if backend.get("ejected") else ""]
+    errors = backend.get("errors") if isinstance(backend.get("errors"), dict) else {}
+    error_count = sum(_dashboard_number(v) for v in errors.values())
+    requests = _dashboard_number(backend.get("requests"))
+    latency = backend.get("latency_ms") if isinstance(backend.get("latency_ms"), dict) else {}
+    share = f"{100 * error_count / requests:.1f}%" if requests else ""
+    hide = ' hidden'
+    key = f' data-backend="{e(name)}"' if backend else ""
+    state_attribute = f' data-state="{e(state)}"' if backend else ""
+    return (
+        f'<tr{key} class="s-{e(state)}">'
+        f'<td class="name"><span class="nm" title="{e(url)}">{e(name)}</span><span class="tags sub">'
+        f'<span class="bk tag"{"" if backend.get("backup") else hide}>backup</span>'
+        f'<span class="wt tag"{hide if weight in (1, None) else ""}>weight {e(str(weight))}</span></span></td>'
+        f'<td class="state"{state_attribute}><span class="badge">{e(state)}</span>'
+        f'<span class="adm sub">{e(" · ".join(filter(None, sub)))}</span></td>'
+        f'<td class="reason"><span class="why">{e(str(backend.get("reason") or ""))}</span>'
+        f'<span class="since sub">{"since " + e(str(backend["since"])) if backend.get("since") else ""}</span></td>'
+        f'<td class="rate num js">–</td>'
+        f'<td class="requests num">{requests}</td>'
+        f'<td class="err num"><span class="eps">{error_count}</span><span class="epc sub">{share}</span></td>'
+        f'<td class="p50 num">{_dashboard_ms(latency.get("p50"))}</td>'
+        f'<td class="p99 num">{_dashboard_ms(latency.get("p99"))}</td>'
+        f'<td class="inflight num">{_dashboard_number(backend.get("in_flight"))}</td>'
+        f'<td class="idle num">{_dashboard_number(backend.get("idle_connections"))}</td>'
+        f'<td class="hist js"></td><td class="act js"></td></tr>'
+    )
+
+
+def render_dashboard(status: dict) -> str:
+    """The complete HTML page for ``GET /`` on the admin listener, from one /status snapshot.
+
+    Called by the admin route for ``/`` with the same dict that ``/status`` serves (history not
+    needed). The page shows every number without JavaScript; with it, it polls ``/status``.
+    Never raises on a missing or odd field: a broken dashboard is worst exactly when something
+    else is broken too."""
+    e = html.escape
+    n = _dashboard_number
+    backends = [b for b in status.get("backends") or () if isinstance(b, dict)]
+    responses = status.get("responses") if isinstance(status.get("responses"), dict) else {}
+    tunnels = status.get("tunnels") if isinstance(status.get("tunnels"), dict) else {}
+    workers = [w for w in status.get("workers") or () if isinstance(w, dict)]
+    all_responses = sum(n(v) for v in responses.values())
+    colours = {"1xx": "var(--mute)", "2xx": "var(--up)", "3xx": "var(--accent)", "4xx": "var(--drain)",
+               "5xx": "var(--down)"}
+    bars = "".join(
+        f'<i id="b-{k}" style="width:{100 * n(responses.get(k)) / all_responses if all_responses else 0:.2f}%;'
+        f'background:{c}"></i>' for k, c in colours.items())
+    codes = "".join(f'<dt><i style="background:{c}"></i>{k}</dt><dd id="r-{k}">{n(responses.get(k))}</dd>'
+                    for k, c in colours.items())
+    counts = {s: sum(1 for b in backends if b.get("state") == s) for s in ("up", "down", "drain", "maint")}
+    chips = "".join(f'<span class="chip s-{s}" id="n-{s}"{"" if counts[s] else " style=opacity:.5"}>'
+                    f'<b>{counts[s]}</b> {s}</span>' for s in counts)
+    listen = str(status.get("listen") or "")
+    pid = status.get("pid")
+    return DASHBOARD_PAGE.substitute(
+        title=e(("\u25bc %d down \u00b7 " % counts["down"] if counts["down"] else "") + "Load balancer " + listen),
+        css=DASHBOARD_CSS,
+        js=DASHBOARD_JS,
+        listen=e(listen),
+        version=e(str(status.get("version") or "?")),
+        pid=e(str(pid if pid is not None else "?")),
+        uptime=_dashboard_duration(status.get("uptime_seconds")),
+        started=e(str(status.get("started") or "?")),
+        rendered=time.strftime("%H:%M:%S UTC", time.gmtime()),
+        panic_hidden="" if status.get("panic") else " hidden",
+        requests=n(status.get("requests_total")),
+        in_flight=n(status.get("in_flight")),
+        connections=n(status.get("connections")),
+        tunnels=n(tunnels.get("open")),
+        tunnels_total=n(tunnels.get("total")),
+        refused=n(status.get("refused_total")),
+        failed=n(status.get("failed_total")),
+        workers=len(workers) or 1,
+        pids=e("pids " + ", ".join(str(w.get("pid")) for w in workers) if workers else f"pid {pid}"),
+        workers_title=e("\n".join(
+            f"#{w.get('index')} pid {w.get('pid')}: {n(w.get('connections'))} connections, "
+            f"{n(w.get('requests'))} requests, {n(w.get('restarts'))} restarts" for w in workers)),
+        bars=bars,
+        codes=codes,
+        bytes_in=_dashboard_bytes(status.get("bytes_received")),
+        bytes_out=_dashboard_bytes(status.get("bytes_sent")),
+        chips=chips,
+        rows="".join(_dashboard_row(b) for b in backends),
+        none_hidden=" hidden" if backends else "",
+        template_row=_dashboard_row({}),
+    )
+
+
+# ===================================================================================================
+# The balancer: what there is one of, and what every worker runs
 # ===================================================================================================
 
 class ListenError(OSError):
     """A listening socket could not be opened; says which address and why, in one line."""
 
-    def __init__(self, host: str, port: int, error: OSError):
-        reason = "address already in use" if error.errno == errno.EADDRINUSE else describe_os_error(error)
-        super().__init__(error.errno, f"cannot listen on {host}:{port}: {reason}")
+    def __init__(self, host: str, port: int, error: OSError | str):
+        if isinstance(error, str):
+            reason, number = error, errno.EADDRINUSE
+        else:
+            number = error.errno
+            reason = "address already in use" if error.errno == errno.EADDRINUSE else describe_os_error(error)
+        super().__init__(number, f"cannot listen on {host}:{port}: {reason}")
 
 
 def listen(host: str, port: int, make):
@@ -1940,204 +4069,1795 @@ def listen(host: str, port: int, make):
         raise ListenError(host, port, error) from None
 
 
-class LoadBalancer:
-    """Everything one process runs: the proxy server, round robin over the backends, the health
-    checker and the optional admin server. ``start()`` serves from background threads."""
+class Control:
+    """What there is one of per balancer, however many workers: the backend set (which name has
+    which slot of the shared state, for the balancer's life), the health checker, reloads, admin
+    actions, the once-a-second sampler behind latency percentiles and the dashboard's history,
+    and the admin and redirect listeners. Lives in the supervisor, or in the one process."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False):
-        self.config = config
-        self.backends = [Backend(url, config) for url in config.backends]
-        self.balancer = RoundRobin(self.backends)
-        self.checker = HealthChecker(self.balancer, config)
-        self.server = listen(config.host, config.port,
-                             lambda: ProxyServer(config, self.balancer, reuse_port=reuse_port))
-        self.admin = None
-        if config.admin_port is not None:
-            try:
-                self.admin = listen(config.admin_host, config.admin_port, lambda: AdminServer(
-                    (config.admin_host, config.admin_port), self.status, reuse_port=reuse_port))
-            except OSError:
-                self.server.server_close()
-                raise
+    def __init__(self, config: Config, shared: SharedState, https_port: int | None = None):
+        self.config, self.shared = config, shared
+        self.lock = threading.Lock()        # reloads and admin actions, one at a time
+        self.slots: dict = {}               # backend name -> slot, never reused
+        self.current: list = []             # [(slot, BackendSpec)], in configured order
+        self.checker = HealthChecker(shared, config, client_tls_context(config.backend_ca))
+        self.history: collections.deque = collections.deque(maxlen=HISTORY_SAMPLES)
+        self.routing: dict = {}             # slot -> routing state at the last sample
         self.started = time.time()
-        self._threads: list[threading.Thread] = []
-        self._closed = False
+        self.stopped = threading.Event()
+        self.threads: list = []
+        self.apply(config)
+        self.admin = self.redirect = None
+        if config.admin_port is not None:
+            self.admin = listen(config.admin_host, config.admin_port,
+                                lambda: AdminServer((config.admin_host, config.admin_port), self))
+        if config.redirect_http_port is not None:
+            try:
+                self.redirect = listen(config.host, config.redirect_http_port, lambda: RedirectServer(
+                    (config.host, config.redirect_http_port), https_port or config.port))
+            except OSError:
+                if self.admin:
+                    self.admin.server_close()
+                raise
+
+    # -- the backend set ----------------------------------------------------------------------
+
+    def apply(self, config: Config) -> tuple:
+        """Make config's backends the set every worker routes over: (added, removed, changed)
+        names. A name keeps its slot, and with it its counters and its drain or maint state."""
+        with self.lock:
+            before = {spec.name: spec for _, spec in self.current}
+            entries, current = [], []
+            for text, spec in zip(config.backends, config.backend_specs):
+                slot = self.slots.get(spec.name)
+                if slot is None:
+                    slot = len(self.slots) + 1
+                    if slot > MAX_UPSTREAMS:
+                        raise ValueError(f"more than {MAX_UPSTREAMS} backend names since start: "
+                                         "restart the balancer to add more")
+                    self.slots[spec.name] = slot
+                old = before.get(spec.name)
+                if old is None or old.url != spec.url:
+                    self.shared.reset(slot, "not checked yet" if config.health_interval else "no active checks")
+                entries.append((slot, text))
+                current.append((slot, spec))
+            self.shared.publish(entries)
+            self.current, self.config = current, config
+            self.checker.update({slot: spec for slot, spec in current})
+        names = {spec.name for _, spec in current}
+        added = [name for name in names if name not in before]
+        removed = [name for name in before if name not in names]
+        changed = [spec.name for _, spec in current if spec.name in before and before[spec.name] != spec]
+        return added, removed, changed
+
+    def reload(self) -> None:
+        """SIGHUP: read --backends-file again (a file that does not parse changes nothing), or
+        with no file have names looked up again; load a renewed TLS certificate."""
+        config = self.config
+        if config.backends_file is None:
+            self.shared.bump(H_RESOLVE_GENERATION)
+            log.info("SIGHUP: no --backends-file, so the %d backend(s) stay; idle upstream connections "
+                     "closed, so that host names are looked up again", len(self.current))
+        else:
+            try:
+                added, removed, changed = self.apply(config.reloaded())
+            except ValueError as error:
+                log.error("SIGHUP: %s; the previous %d backend(s) stay", error, len(self.current))
+            else:
+                log.info("SIGHUP: %s read again: %d backend(s); added: %s; removed: %s; changed: %s",
+                         config.backends_file, len(self.current), ", ".join(added) or "none",
+                         ", ".join(removed) or "none", ", ".join(changed) or "none")
+        if config.tls_cert:
+            try:
+                server_tls_context(config.tls_cert, config.tls_key)
+            except (OSError, ssl.SSLError) as error:
+                log.error("SIGHUP: kept the previous certificate: cannot load %s: %s", config.tls_cert,
+                          describe_os_error(error))
+            else:
+                self.shared.bump(H_TLS_GENERATION)
+                log.info("SIGHUP: certificate %s loaded for new connections", config.tls_cert)
+
+    def set_state(self, name: str, action: str) -> dict | None:
+        """The admin API: drain (no new requests; those in flight finish), maint (out at once;
+        idle connections closed; health checks go on) or ready (back in rotation). None: no such
+        backend."""
+        with self.lock:
+            slot = next((slot for slot, spec in self.current if spec.name == name), None)
+            if slot is None:
+                return None
+            reason = {"drain": "drain: no new requests (admin API)",
+                      "maint": "maint: out of rotation (admin API)",
+                      "ready": "ready: back in rotation (admin API)"}[action]
+            self.shared.set_admin(slot, action, reason)
+        log.info("upstream %s: %s", name, reason)
+        return next(b for b in self.status()["backends"] if b["name"] == name)
+
+    # -- counting -----------------------------------------------------------------------------
+
+    def counters(self) -> tuple:
+        """What every worker has counted, added up: (process fields, {slot: upstream record})."""
+        slots = [0] + [slot for slot, _ in self.current]
+        process = [0] * PROCESS_INTS
+        per_slot = {slot: [0] * UPSTREAM_INTS for slot in slots}
+        for block in self.shared.workers:
+            process = list(map(operator.add, process, block[:PROCESS_INTS].tolist()))
+            for slot in slots:
+                base = PROCESS_INTS + slot * UPSTREAM_INTS
+                per_slot[slot] = list(map(operator.add, per_slot[slot],
+                                          block[base:base + UPSTREAM_INTS].tolist()))
+        return process, per_slot
+
+    def sample(self) -> None:
+        """Once a second: the counters for the last minute's percentiles and the dashboard's
+        history, and a log line when an ejection ends by itself."""
+        _, per_slot = self.counters()
+        now = time.time()
+        self.history.append((now, {slot: (sum(record[U_CODES:U_HISTOGRAM]),
+                                          sum(record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)]),
+                                          record[U_HISTOGRAM:U_LATENCY_SUM])
+                                   for slot, record in per_slot.items()}))
+        now_us = monotonic_us()
+        for slot, spec in self.current:
+            state = self.shared.routing_state(slot, now_us)
+            if self.routing.get(slot) == "ejected" and state == "up":
+                log.info("upstream %s back in rotation: its fail timeout passed", spec.name)
+            self.routing[slot] = state
+
+    def run_sampler(self) -> None:
+        while not self.stopped.wait(SAMPLE_SECONDS - time.time() % SAMPLE_SECONDS):
+            try:
+                self.sample()
+            except Exception:
+                log.exception("sampling the counters failed")
+
+    def latency(self, slot: int, histogram: list) -> dict:
+        """p50 and p99 (ms) over the last minute, from the histogram now and a minute ago."""
+        then = None
+        for when, sample in self.history:
+            if when >= time.time() - 60 and slot in sample:
+                then = sample[slot][2]
+                break
+        recent = histogram if then is None else [a - b for a, b in zip(histogram, then)]
+        return {"p50": quantile(recent, 0.5), "p99": quantile(recent, 0.99)}
+
+    def status(self, history: bool = False) -> dict:
+        """GET /status: every field is described in the README."""
+        process, per_slot = self.counters()
+        now_us = monotonic_us()
+        backends = []
+        states = []
+        for slot, spec in self.current:
+            record = per_slot[slot]
+            routing = self.shared.routing_state(slot, now_us)
+            states.append(routing)
+            reason, since = self.shared.reason(slot), self.shared.get(slot, S_SINCE)
+            until_wall = self.shared.get(slot, S_EJECTED_UNTIL_WALL)
+            if routing == "up" and reason.startswith("out for ") and until_wall:
+                reason, since = "back in rotation: its fail timeout passed", until_wall
+            backends.append({
+                "name": spec.name, "url": spec.url, "weight": spec.weight, "backup": spec.backup,
+                "state": "down" if routing == "ejected" else routing,
+                "health": HEALTH_STATES[self.shared.get(slot, S_HEALTH)] if self.config.health_interval
+                else "unchecked",
+                "admin": ADMIN_STATES[self.shared.get(slot, S_ADMIN)],
+                "ejected": routing == "ejected",
+                "reason": reason,
+                "since": email.utils.formatdate(since / 1e6, usegmt=True),
+                "requests": record[U_ATTEMPTS],
+                "responses": responses_by_class(record),
+                "errors": dict(zip(ERROR_KINDS, record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)])),
+                "retries": record[U_RETRIES],
+                "in_flight": record[U_IN_FLIGHT],
+                "idle_connections": record[U_IDLE],
+                "consecutive_failures": self.shared.get(slot, S_CONSECUTIVE_FAILURES),
+                "ejections": self.shared.get(slot, S_EJECTIONS),
+                "latency_ms": self.latency(slot, record[U_HISTOGRAM:U_LATENCY_SUM]),
+                "checks": {"passed": self.shared.get(slot, S_CHECKS_PASSED),
+                           "failed": self.shared.get(slot, S_CHECKS_FAILED)},
+            })
+        own = responses_by_class(per_slot[0])
+        totals = [0] * 5
+        for record in per_slot.values():
+            totals = list(map(operator.add, totals, responses_by_class(record).values()))
+        scheme = "https" if self.config.tls_cert else "http"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        status = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": email.utils.formatdate(self.started, usegmt=True),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "listen": f"{scheme}://{host}:{self.config.port}",
+            "requests_total": process[P_RESPONSES],
+            "responses": dict(zip(CLASS_LABELS, totals)),
+            "refused_total": own["4xx"],
+            "failed_total": own["5xx"],
+            "in_flight": process[P_IN_FLIGHT],
+            "connections": process[P_CONNECTIONS],
+            "tunnels": {"open": process[P_TUNNELS_OPEN], "total": process[P_TUNNELS],
+                        "bytes_from_client": process[P_TUNNEL_BYTES_UP],
+                        "bytes_from_upstream": process[P_TUNNEL_BYTES_DOWN]},
+            "bytes_received": process[P_RECEIVED],
+            "bytes_sent": process[P_SENT],
+            "panic": "up" not in states and "ejected" in states,
+            "workers": [{"index": index, "pid": block[P_PID], "connections": block[P_CONNECTIONS],
+                         "requests": block[P_RESPONSES], "restarts": block[P_RESTARTS]}
+                        for index, block in enumerate(self.shared.workers)],
+            "backends": backends,
+        }
+        if history:
+            status["history"] = self.history_series()
+        return status
+
+    def history_series(self) -> dict:
+        samples = list(self.history)
+        series = {}
+        for slot, spec in self.current:
+            points = [sample.get(slot) for _, sample in samples]
+            series[spec.name] = {
+                "requests": [p[0] if p else None for p in points],
+                "errors": [p[1] if p else None for p in points],
+                "p99_ms": [None] + [quantile([a - b for a, b in zip(p[2], q[2])], 0.99) if p and q else None
+                                    for q, p in zip(points, points[1:])],
+            }
+        return {"interval_seconds": SAMPLE_SECONDS, "t": [round(when, 3) for when, _ in samples],
+                "backends": series}
+
+    def metrics(self) -> str:
+        """GET /metrics: Prometheus text format 0.0.4; every family is described in the README."""
+        process, per_slot = self.counters()
+        out = MetricsWriter()
+        names = {0: "-", **{slot: spec.name for slot, spec in self.current}}
+        out.family("lb_requests_total", "counter", "Responses sent to clients, by the upstream that "
+                   "answered (\"-\": the balancer itself), request method and status code.")
+        for slot, record in per_slot.items():
+            for method_index, method in enumerate(METHODS):
+                row = record[U_CODES + method_index * N_CODES:U_CODES + (method_index + 1) * N_CODES]
+                for index, count in enumerate(row):
+                    if count:
+                        out.sample("lb_requests_total", count, upstream=names[slot],
+                                   method=method.decode(), code=code_label(index))
+        out.family("lb_request_duration_seconds", "histogram", "Time from a request's head to its "
+                   "response head (time to first byte), by upstream.")
+        for slot, record in per_slot.items():
+            histogram = record[U_HISTOGRAM:U_LATENCY_SUM]
+            cumulative, index = 0, 0
+            for bound in EXPORTED_BOUNDS:
+                while index < len(LATENCY_BOUNDS) and LATENCY_BOUNDS[index] <= bound:
+                    cumulative += histogram[index]
+                    index += 1
+                out.sample("lb_request_duration_seconds_bucket", cumulative, upstream=names[slot],
+                           le=format_bound(bound))
+            total = sum(histogram)
+            out.sample("lb_request_duration_seconds_bucket", total, upstream=names[slot], le="+Inf")
+            out.sample("lb_request_duration_seconds_sum", record[U_LATENCY_SUM] / 1e6, upstream=names[slot])
+            out.sample("lb_request_duration_seconds_count", total, upstream=names[slot])
+        upstreams = [(slot, spec, per_slot[slot]) for slot, spec in self.current]
+        out.family("lb_upstream_requests_total", "counter", "Requests sent to an upstream (every "
+                   "try, retries included).")
+        for slot, spec, record in upstreams:
+            out.sample("lb_upstream_requests_total", record[U_ATTEMPTS], upstream=spec.name)
+        out.family("lb_upstream_errors_total", "counter", "Failed exchanges with an upstream, by "
+                   "kind: connect, tls, timeout, closed, invalid, body.")
+        for slot, spec, record in upstreams:
+            for offset, kind in enumerate(ERROR_KINDS):
+                out.sample("lb_upstream_errors_total", record[U_ERRORS + offset], upstream=spec.name, kind=kind)
+        out.family("lb_upstream_retries_total", "counter", "Requests that went on to another "
+                   "upstream after this one failed.")
+        for slot, spec, record in upstreams:
+            out.sample("lb_upstream_retries_total", record[U_RETRIES], upstream=spec.name)
+        out.family("lb_upstream_ejections_total", "counter", "Times an upstream was taken out "
+                   "after --max-fails failed requests in a row.")
+        for slot, spec, _ in upstreams:
+            out.sample("lb_upstream_ejections_total", self.shared.get(slot, S_EJECTIONS), upstream=spec.name)
+        out.family("lb_health_checks_total", "counter", "Active health checks, by result.")
+        for slot, spec, _ in upstreams:
+            out.sample("lb_health_checks_total", self.shared.get(slot, S_CHECKS_PASSED), upstream=spec.name,
+                       result="passed")
+            out.sample("lb_health_checks_total", self.shared.get(slot, S_CHECKS_FAILED), upstream=spec.name,
+                       result="failed")
+        out.family("lb_upstream_state", "gauge", "1 for an upstream's current routing state: up, "
+                   "down (health checks), ejected (failed requests), drain or maint.")
+        now_us = monotonic_us()
+        for slot, spec, _ in upstreams:
+            current = self.shared.routing_state(slot, now_us)
+            for state in ROUTING_STATES:
+                out.sample("lb_upstream_state", int(state == current), upstream=spec.name, state=state)
+        for name, kind, index, help_text in UPSTREAM_GAUGES:
+            out.family(name, kind, help_text)
+            for slot, spec, record in upstreams:
+                out.sample(name, spec.weight if index is None else record[index], upstream=spec.name)
+        for name, kind, index, help_text in PROCESS_METRICS:
+            out.family(name, kind, help_text)
+            out.sample(name, process[index])
+        out.family("lb_tunnel_bytes_total", "counter", "Bytes through tunnels (WebSocket and other "
+                   "upgrades), by direction.")
+        out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_UP], direction="client_to_upstream")
+        out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_DOWN], direction="upstream_to_client")
+        states = [self.shared.routing_state(slot, now_us) for slot, _, _ in upstreams]
+        out.family("lb_panic_mode", "gauge", "1 while every upstream is out after failed requests "
+                   "and requests are tried on them anyway.")
+        out.sample("lb_panic_mode", int("up" not in states and "ejected" in states))
+        out.family("lb_workers", "gauge", "Worker processes.")
+        out.sample("lb_workers", len(self.shared.workers))
+        out.family("lb_start_time_seconds", "gauge", "When the balancer started, in Unix time.")
+        out.sample("lb_start_time_seconds", round(self.started, 3))
+        out.family("lb_build_info", "gauge", "The balancer's version.")
+        out.sample("lb_build_info", 1, version=__version__)
+        return out.text()
+
+    # -- life ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for server in filter(None, (self.admin, self.redirect)):
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                      daemon=True, name=f"serve {server.server_address[1]}")
+            thread.start()
+            self.threads.append((server, thread))
+        thread = threading.Thread(target=self.run_sampler, daemon=True, name="sampler")
+        thread.start()
+        self.sample()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.checker.stop()
+        for server in filter(None, (self.admin, self.redirect)):
+            if any(s is server for s, _ in self.threads):
+                server.shutdown()
+            server.server_close()
+
+
+SAMPLE_SECONDS = 1
+HISTORY_SAMPLES = 300  # five minutes for the dashboard's charts
+ROUTING_STATES = ("up", "down", "ejected", "drain", "maint")
+CLASS_LABELS = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CODE_CLASS = [STATUS_CODES[i] // 100 - 1 if i < len(STATUS_CODES) else i - len(STATUS_CODES)
+              for i in range(N_CODES)]
+UPSTREAM_GAUGES = (
+    ("lb_upstream_in_flight", "gauge", U_IN_FLIGHT, "Requests at an upstream now."),
+    ("lb_upstream_idle_connections", "gauge", U_IDLE, "Idle keep-alive connections to an upstream."),
+    ("lb_upstream_weight", "gauge", None, "An upstream's weight in the rotation."),
+)
+PROCESS_METRICS = (
+    ("lb_client_connections", "gauge", P_CONNECTIONS, "Open client connections."),
+    ("lb_client_connections_accepted_total", "counter", P_ACCEPTED, "Client connections accepted."),
+    ("lb_in_flight_requests", "gauge", P_IN_FLIGHT, "Client requests being answered now."),
+    ("lb_tunnels_open", "gauge", P_TUNNELS_OPEN, "Open tunnels (WebSocket and other upgrades)."),
+    ("lb_tunnels_total", "counter", P_TUNNELS, "Tunnels opened."),
+    ("lb_received_bytes_total", "counter", P_RECEIVED, "Bytes of requests received from clients."),
+    ("lb_sent_bytes_total", "counter", P_SENT, "Bytes of responses sent to clients."),
+    ("lb_worker_restarts_total", "counter", P_RESTARTS, "Workers started again after one died."),
+)
+
+
+def responses_by_class(record: list) -> dict:
+    totals = [0] * 5
+    for method_index in range(len(METHODS)):
+        start = U_CODES + method_index * N_CODES
+        for index, count in enumerate(record[start:start + N_CODES]):
+            if count:
+                totals[CODE_CLASS[index]] += count
+    return dict(zip(CLASS_LABELS, totals))
+
+
+def quantile(histogram: list, q: float) -> float | None:
+    """The q-quantile (ms) of LATENCY_BOUNDS buckets, interpolated within its bucket as
+    Prometheus' histogram_quantile does; None without observations."""
+    total = sum(histogram)
+    if total <= 0:
+        return None
+    rank = q * total
+    cumulative = 0
+    for index, count in enumerate(histogram):
+        if count and cumulative + count >= rank:
+            lower = LATENCY_BOUNDS[index - 1] if index else 0.0
+            upper = LATENCY_BOUNDS[min(index, len(LATENCY_BOUNDS) - 1)]
+            return round((lower + (upper - lower) * (rank - cumulative) / count) * 1000, 3)
+        cumulative += count
+    return round(LATENCY_BOUNDS[-1] * 1000, 3)
+
+
+def format_bound(bound: float) -> str:
+    return repr(float(bound))
+
+
+class MetricsWriter:
+    """Prometheus text exposition format 0.0.4: HELP and TYPE once per family, then its samples."""
+
+    def __init__(self):
+        self.lines: list = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value, **labels) -> None:
+        if labels:
+            inner = ",".join(f'{key}="{escape_label(str(val))}"' for key, val in labels.items())
+            self.lines.append(f"{name}{{{inner}}} {value}")
+        else:
+            self.lines.append(f"{name} {value}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Worker:
+    """What each worker process runs (and the one process, with one worker): the proxy server,
+    its round robin over the shared backend set, and its counter block."""
+
+    def __init__(self, config: Config, shared: SharedState, index: int = 0,
+                 listener: socket.socket | None = None):
+        self.config = config
+        self.stats = WorkerStats(shared, index)
+        self.balancer = RoundRobin(shared, config, self.stats)
+        self.server = listen(config.host, config.port, lambda: ProxyServer(
+            config, self.balancer, self.stats, shared, listener))
+        self.thread = None
 
     @property
     def port(self) -> int:
         return self.server.server_address[1]
 
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                       daemon=True, name=f"serve {self.port}")
+        self.thread.start()
+
+    def close(self, drain_timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (up to drain_timeout), close the rest."""
+        if self.thread is not None:
+            self.server.shutdown()
+        self.server.server_close()
+        self.server.drain(drain_timeout)
+        for backend in self.balancer.backends.values():
+            backend.pool.close()
+
+    def cut(self) -> None:
+        self.server.cut()
+
+
+class LoadBalancer:
+    """One balancer in one process: the Control and one Worker over private shared state.
+    ``start()`` serves from background threads; ``close()`` drains. Used by ``--workers 1`` and
+    by programs that embed the balancer (the tests do)."""
+
+    def __init__(self, config: Config, *, listener: socket.socket | None = None):
+        self.config = config
+        self.shared = SharedState.create(1)
+        self.worker = Worker(config, self.shared, 0, listener)
+        try:
+            self.control = Control(config, self.shared, https_port=self.worker.port)
+        except BaseException:
+            self.worker.server.server_close()
+            raise
+        self.worker.balancer.refresh()
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return self.worker.port
+
     @property
     def admin_port(self) -> int | None:
-        return self.admin.server_address[1] if self.admin else None
+        return self.control.admin.server_address[1] if self.control.admin else None
+
+    @property
+    def server(self) -> ProxyServer:
+        return self.worker.server
+
+    @property
+    def backends(self) -> list:
+        """This process's Backend objects, in configured order."""
+        return [self.worker.balancer.backends[slot] for slot, _ in self.control.current
+                if slot in self.worker.balancer.backends]
 
     def start(self) -> None:
-        for server in filter(None, (self.server, self.admin)):
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                      daemon=True, name=f"serve {server.server_address[1]}")
-            thread.start()
-            self._threads.append(thread)
-        if self.config.health_interval:
-            self.checker.start()
+        self.worker.start()
+        self.control.start()
+
+    def reload(self) -> None:
+        self.control.reload()
+
+    def status(self, history: bool = False) -> dict:
+        return self.control.status(history)
 
     def close(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish, close idle connections. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._threads:
-            self.server.shutdown()
-        self.server.server_close()
-        self.server.drain(self.config.drain_timeout if drain_timeout is None else drain_timeout)
-        self.checker.stop()
-        if self.admin:
-            if self._threads:
-                self.admin.shutdown()
-            self.admin.server_close()
-        for backend in self.backends:
-            backend.pool.close()
+        self.worker.close(self.config.drain_timeout if drain_timeout is None else drain_timeout)
+        self.control.close()
 
-    def status(self) -> dict:
-        backends = [backend.status() for backend in self.backends]
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_seconds": round(time.time() - self.started, 3),
-            "requests_total": self.server.requests_total(),
-            "errors_total": self.server.errors,
-            "in_flight": self.server.in_flight(),
-            "connections": len(self.server.handlers),
-            "backends": backends,
-        }
+    def cut(self) -> None:
+        self.worker.cut()
 
 
 # ===================================================================================================
-# Worker processes
+# Processes and signals
 # ===================================================================================================
+# Signals (kill -s NAME pid):
+#   TERM, INT, QUIT  drain: stop accepting, let requests in flight finish (--drain-timeout), exit 0;
+#                    a second TERM or INT during the drain stops at once
+#   HUP              reload: --backends-file and the TLS certificate read again
+#   USR1             logged and otherwise ignored (the logs go to stderr: nothing to reopen)
+# With --workers N the supervisor takes these and tells its workers through a pipe each; a worker
+# whose pipe ends (the supervisor died, even by SIGKILL) stops by itself within a second.
 
-def serve(config: Config, *, reuse_port: bool = False, ready=None) -> int:
-    """Run one balancer in this process until SIGTERM or SIGINT, then drain. Returns 0."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+ORPHAN_DRAIN_SECONDS = 1.0
+
+
+class Signals:
+    """Signals as events for a process's main loop: the handlers only note them, and a wake-up pipe
+    ends the loop's wait, whichever thread the kernel delivered the signal to."""
+
+    def __init__(self, handled=(*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)):
+        self.received: collections.deque = collections.deque()
+        self.read_fd, write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in handled:
+            signal.signal(sig, lambda signum, frame: self.received.append(signum))
+
+    def wait(self, timeout: float | None, fds=()) -> tuple[list, list]:
+        """Signals that arrived and descriptors ready to read, waiting up to `timeout`."""
+        if not self.received:
+            try:
+                ready = select.select([self.read_fd, *fds], [], [], timeout)[0]
+            except InterruptedError:
+                ready = []
+        else:
+            ready = select.select(list(fds), [], [], 0)[0] if fds else []
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        signals = []
+        while self.received:
+            signals.append(self.received.popleft())
+        return signals, [fd for fd in ready if fd != self.read_fd]
+
+
+def run_until_stopped(signals: Signals, drain, cut, reload=None, control_fd: int | None = None) -> None:
+    """A process's main loop. A stop signal starts `drain(timeout)` in a thread and a second TERM
+    or INT calls `cut()`; HUP calls `reload()`; USR1 is logged. A worker also reads its control
+    pipe: "D" drains, "S" stops now, and its end (the supervisor is gone) drains briefly. A stop
+    signal sent to the whole process group (timeout(1), a terminal's Ctrl-C, systemd) reaches a
+    worker as well as its supervisor's "D": that is one stop, not two."""
+    stopper = None
+    signalled = 0
+    drain_timeout = drain.__self__.config.drain_timeout
+
+    def begin(timeout: float) -> None:
+        nonlocal stopper
+        if stopper is None:
+            stopper = threading.Thread(target=drain, args=(timeout,), name="drain")
+            stopper.start()
+
+    watch = [control_fd] if control_fd is not None else []
+    while stopper is None or stopper.is_alive():
+        arrived, ready = signals.wait(0.2 if stopper else None, watch)
+        if ready:
+            data = os.read(control_fd, 64)
+            if not data:
+                watch = []
+                log.warning("the supervisor is gone: stopping")
+                begin(min(drain_timeout, ORPHAN_DRAIN_SECONDS))
+            if b"D" in data or b"S" in data:
+                begin(drain_timeout)
+            if b"S" in data:
+                cut()
+        for sig in arrived:
+            name = signal.Signals(sig).name
+            if sig in STOP_SIGNALS:
+                signalled += 1
+                if stopper is None:
+                    log.info("%s: draining requests in flight (up to %gs)", name, drain_timeout)
+                    begin(drain_timeout)
+                elif signalled > 1 and sig != signal.SIGQUIT:
+                    log.warning("%s during the drain: stopping now", name)
+                    cut()
+            elif sig == signal.SIGHUP and reload is not None:
+                reload()
+            else:
+                log.info("%s: nothing to do here", name)
+    stopper.join()
+
+
+def instance_lock(port: int) -> object:
+    """One balancer per port: a second one on a port that a running balancer holds would join it
+    silently through SO_REUSEPORT. An exclusive flock on a file named after the port, held while
+    the process lives (the kernel lets it go when it dies). Raises ListenError if it is held."""
+    path = os.path.join(tempfile.gettempdir(), f"load_balancer-port-{port}.lock")
+    try:
+        file = open(path, "a+")
+    except OSError as error:
+        log.warning("cannot open %s to guard port %d: %s", path, port, describe_os_error(error))
+        return None
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.seek(0)
+        holder = file.read().strip() or "?"
+        file.close()
+        raise ListenError("port", port, f"another load_balancer (pid {holder}) is serving it "
+                                        f"(lock {path})") from None
+    file.seek(0)
+    file.truncate()
+    file.write(str(os.getpid()))
+    file.flush()
+    return file
+
+
+def serve(config: Config, ready=None) -> int:
+    """Run one balancer in this process until a stop signal, then drain. Returns 0."""
     threading.stack_size(THREAD_STACK_SIZE)
-    if hasattr(signal, "sigwait"):
-        # The stop signals are blocked before any thread starts (threads inherit the mask) and
-        # taken with sigwait() here. A handler would not do: the kernel hands a process-wide
-        # signal to any thread that does not block it, Python runs handlers in the main thread
-        # only, and a main thread asleep in a lock never notices (seen here: a worker that
-        # ignored SIGTERM while a request was in flight).
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        wait = lambda: signal.sigwait(STOP_SIGNALS)
-    else:
-        stop = threading.Event()
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda signum, frame: stop.set())
-        wait = lambda: stop.wait()
-    balancer = LoadBalancer(config, reuse_port=reuse_port)
+    signals = Signals()
+    lock = instance_lock(config.port) if config.port else None
+    balancer = LoadBalancer(config)
+    if lock is None:
+        lock = instance_lock(balancer.port)
     balancer.start()
     if ready:
         ready(balancer)
-    wait()
-    log.info("shutting down: draining requests in flight (up to %gs)", config.drain_timeout)
-    balancer.close()
+    run_until_stopped(signals, balancer.close, balancer.cut, balancer.reload)
+    if lock is not None:
+        lock.close()
     return 0
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-def reserve(host: str, port: int) -> socket.socket:
-    """A bound socket that never listens: it holds the port for the workers' SO_REUSEPORT sockets
-    (a busy port is reported once, by the parent) and resolves port 0 to a real one."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+def listening_sockets(host: str, port: int, count: int) -> list:
+    """`count` listening sockets on one port with SO_REUSEPORT, one per worker: the kernel spreads
+    connections over them. Made by the supervisor and handed to each worker it starts, also to a
+    worker started again: connections queued on a worker's socket wait for it, never dropped."""
+    sockets = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listen(host, port, lambda: sock.bind((host, port)))
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listen(host, port, lambda: sock.bind((host, port)))
+            port = sock.getsockname()[1]
+            sock.listen(ProxyServer.request_queue_size)
+            sock.set_inheritable(True)
     except OSError:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return sock
+    return sockets
 
 
-def supervise(config: Config, reserved: list[socket.socket], ready=None) -> int:
-    """The parent of `config.workers` processes that each listen on the same port with
-    SO_REUSEPORT, the kernel spreading connections across them; each has its own RoundRobin, so
-    the strict rotation holds per worker. Calls `ready()` once every worker listens. Restarts a
-    worker that dies; on SIGTERM or SIGINT passes the signal on and returns 0 once every worker
-    has drained."""
-    children: dict[int, int] = {}
-    started: dict[int, float] = {}
-    stopping = False
-    ready_in, ready_out = os.pipe()  # each first-generation worker writes a byte once it listens
+class WorkerProcess:
+    """One worker as the supervisor sees it: a fresh interpreter running this file with
+    ``--worker-process``, its listening socket and the shared state passed as descriptors, its
+    settings as JSON over its control pipe, which then carries "drain" and "stop now"."""
 
-    def spawn(index: int, report: bool = False) -> None:
-        # The stop signals wait while the worker is born: otherwise one arriving just then would
-        # run this process's handler in the child, or reach the parent before it knows the pid.
-        started[index] = time.monotonic()
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        if stopping:  # a stop arrived since the last fork: no new worker that nobody will stop
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-            return
-        pid = os.fork()
-        if pid == 0:  # the worker; serve() takes the stop signals with sigwait()
-            code = 1
-            try:
-                if report:
-                    os.close(ready_in)
-                for sock in reserved:
-                    sock.close()
-                code = serve(config, reuse_port=True, ready=report_ready if report else None)
-            except BaseException:
-                log.exception("worker %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children[pid] = index
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    def __init__(self, index: int, config: Config, shared: SharedState, listener: socket.socket,
+                 ready_fd: int):
+        self.index = index
+        self.started = time.monotonic()
+        control_read, self.control = os.pipe()
+        block, lock_file = shared.files
+        fds = (block.fileno(), lock_file.fileno(), listener.fileno(), control_read, ready_fd)
+        passed = [fd for fd in fds if fd >= 0]
+        for fd in passed:
+            os.set_inheritable(fd, True)
+        settings = {item.name: getattr(config, item.name) for item in fields(Config)}
+        settings["backends_file"] = None  # the supervisor owns the backend set
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker-process",
+             ",".join(map(str, (index, config.workers, *fds)))],
+            pass_fds=passed, stdin=subprocess.DEVNULL)
+        os.close(control_read)
+        os.write(self.control, (json.dumps(settings) + "\n").encode())
 
-    def report_ready(balancer: LoadBalancer) -> None:
+    def tell(self, command: bytes) -> None:
         try:
-            os.write(ready_out, b".")
+            os.write(self.control, command)
         except OSError:
-            pass  # the parent stopped waiting: it is stopping
-        finally:
-            os.close(ready_out)
+            pass  # it has gone already
 
-    def forward(signum, frame) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for index in range(config.workers):
-        spawn(index, report=True)
-    os.close(ready_out)
-    while os.read(ready_in, 64):  # empty once every worker has reported, or exited without
-        pass
-    os.close(ready_in)
-    if ready and not stopping:
-        ready()
-    while children:
+    def close(self) -> None:
         try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        index = children.pop(pid, None)
-        if index is None or stopping:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        log.warning("worker %d (pid %d) exited with %s; starting a new one", index, pid,
-                    f"signal {-code}" if code < 0 else f"code {code}")
-        if time.monotonic() - started[index] < 1:
-            time.sleep(1)  # a worker that dies at once would otherwise restart in a tight loop
-        spawn(index)
-    for sock in reserved:
+            os.close(self.control)
+        except OSError:
+            pass
+
+
+def supervise(config: Config, ready=None) -> int:
+    """The parent of `config.workers` worker processes. It owns what there is one of (the Control:
+    health checks, admin listener, reloads) and the listening sockets; it restarts a worker that
+    dies (its counters stay in the shared block) and passes stop signals on. Returns 0 once every
+    worker has drained."""
+    threading.stack_size(THREAD_STACK_SIZE)
+    signals = Signals((*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD))
+    lock = instance_lock(config.port) if config.port else None
+    listeners = listening_sockets(config.host, config.port, config.workers)
+    port = listeners[0].getsockname()[1]
+    if lock is None:
+        lock = instance_lock(port)
+    config = replace(config, port=port)
+    shared = SharedState.create(config.workers, processes=True)
+    try:
+        control = Control(config, shared, https_port=port)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    control.start()
+    ready_read, ready_write = os.pipe()
+    workers: dict = {}
+    for index in range(config.workers):
+        workers[index] = WorkerProcess(index, config, shared, listeners[index], ready_write)
+    os.close(ready_write)
+    waiting = config.workers
+    stopping = None  # when set: the time the drain began
+    while workers:
+        arrived, readable = signals.wait(0.5, [ready_read] if waiting else [])
+        if readable:
+            data = os.read(ready_read, 64)
+            waiting = waiting - len(data) if data else 0
+            if not waiting:
+                os.close(ready_read)
+                if ready and stopping is None:
+                    ready(config, control)
+        for sig in arrived:
+            if sig == signal.SIGHUP:
+                control.reload()
+            elif sig == signal.SIGUSR1:
+                log.info("SIGUSR1: nothing to do (logs go to stderr)")
+            elif sig in STOP_SIGNALS and stopping is None:
+                stopping = time.monotonic()
+                log.info("%s: draining requests in flight (up to %gs)", signal.Signals(sig).name,
+                         config.drain_timeout)
+                for worker in workers.values():
+                    worker.tell(b"D")
+                for sock in listeners:  # new connections are refused now, not queued for nobody
+                    sock.close()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                log.warning("%s during the drain: stopping now", signal.Signals(sig).name)
+                for worker in workers.values():
+                    worker.tell(b"S")
+        for index, worker in list(workers.items()):
+            code = worker.process.poll()
+            if code is None:
+                continue
+            worker.close()
+            del workers[index]
+            if stopping is not None:
+                continue
+            log.warning("worker %d (pid %d) exited with %s; starting a new one", index, worker.process.pid,
+                        f"signal {-code}" if code < 0 else f"code {code}")
+            stats = WorkerStats.__new__(WorkerStats)
+            stats.counters, stats.lock = shared.workers[index], threading.Lock()
+            stats.clear_gauges()
+            shared.workers[index][P_RESTARTS] += 1
+            if time.monotonic() - worker.started < 1:
+                time.sleep(1)  # a worker that dies at once would otherwise restart in a tight loop
+            workers[index] = WorkerProcess(index, config, shared, listeners[index], -1)
+    control.close()
+    for sock in listeners:
         sock.close()
+    if lock is not None:
+        lock.close()
     return 0
+
+
+def worker_process(spec: str) -> int:
+    """The body of a worker process (``load_balancer.py --worker-process ...``, started by
+    supervise): serve on the handed-over socket until the supervisor says drain or stop, or goes
+    away. Stop signals sent to the worker itself (systemd sends them to every process) drain it
+    too; HUP and USR1 are the supervisor's business."""
+    index, workers, block_fd, lock_fd, listen_fd, control_fd, ready_fd = map(int, spec.split(","))
+    threading.stack_size(THREAD_STACK_SIZE)
+    settings = json.loads(read_line(control_fd))
+    config = Config(**{**settings, "backends": tuple(settings["backends"])})
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
+    signals = Signals()
+    shared = SharedState.attach(block_fd, lock_fd, workers)
+    worker = Worker(config, shared, index, socket.socket(fileno=listen_fd))
+    worker.start()
+    if ready_fd >= 0:
+        os.write(ready_fd, b".")
+        os.close(ready_fd)
+    run_until_stopped(signals, worker.close, worker.cut, control_fd=control_fd)
+    logging.shutdown()
+    return 0
+
+
+def read_line(fd: int) -> bytes:
+    """One line from a pipe, read a byte at a time so that nothing after it is taken."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            raise EOFError("the supervisor closed the control pipe")
+        data += byte
+    return bytes(data)
+
+
+# ===================================================================================================
+# --export: this balancer as an nginx.conf or a haproxy.cfg
+# ===================================================================================================
+# The way out when one Python process is no longer enough: the same listener, upstreams, weights,
+# backups, timeouts, limits, health checks, retries and admin port on an engine that scales.
+# main() calls export_config() for ``--export nginx|haproxy`` and prints what it returns. Nothing
+# here opens a file or a socket, and the text depends on the Config alone (no clock, no host name,
+# no probe of the installed peer), so the same flags always give the same file. Where a target
+# cannot say what a setting means here, the file says so on a "# load_balancer: ..." line, next to
+# where the directive would have gone; lines starting "# " without it explain a mapping.
+
+EXPORT_TARGETS = ("nginx", "haproxy")
+# The trust store of https:// upstreams when --backend-ca is not given: Debian's and Ubuntu's
+# bundle (Red Hat's is /etc/pki/tls/certs/ca-bundle.crt). Python reads OpenSSL's default paths,
+# which on those systems lead to the same certificates.
+EXPORT_SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+# HAProxy's reserve at the end of each buffer for header rewrites (tune.maxrewrite's default): a
+# request head must fit in tune.bufsize minus this.
+HAPROXY_MAXREWRITE = 1024
+HAPROXY_DEFAULT_BUFSIZE = 16384
+
+
+def export_config(config: Config, target: str) -> str:
+    """The configuration of another load balancer that reproduces `config`: ``target`` is
+    ``"nginx"`` (an nginx.conf) or ``"haproxy"`` (a haproxy.cfg). Called by main() for
+    ``--export`` (argparse has already checked the target); ValueError for any other target."""
+    if target == "nginx":
+        return export_nginx(config)
+    if target == "haproxy":
+        return export_haproxy(config)
+    raise ValueError(f"--export must be one of {', '.join(EXPORT_TARGETS)}, got {target!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared by both targets
+# ---------------------------------------------------------------------------------------------------
+
+def _export_command(config: Config, target: str) -> str:
+    """The command line that exports `config` again: the flags whose values differ from their
+    defaults, in --help order. The admin token is not repeated in a comment."""
+    words = ["python3", "load_balancer.py", "--export", target]
+    for item in fields(Config):
+        value = getattr(config, item.name)
+        if value == item.default:
+            continue
+        flag = flag_of(item)
+        if item.name == "backends":
+            if config.backends_file is None:  # else the file is named below, as given
+                for text in value:
+                    words += [flag, text]
+        elif item.metadata["type"] is bool:
+            words.append(flag)
+        elif item.name == "admin_token":
+            words += [flag, "<not shown>"]
+        else:
+            words += [flag, format_default(value)]
+    return " ".join(_export_shell_word(word) for word in words)
+
+
+def _export_shell_word(word: str) -> str:
+    """`word` quoted for a POSIX shell when it needs to be (shlex.quote's rule)."""
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def _export_preamble(config: Config, target: str, file: str, run: str, check: str) -> list[str]:
+    """The comment block every exported file starts with: who made it, from what, how to run it."""
+    return [
+        f"# {file} written by load_balancer {__version__} (--export {target}), from:",
+        f"#   {_export_command(config, target)}",
+        f"# Check: {check}",
+        f"# Run:   {run}",
+        "# Lines starting \"# load_balancer:\" name a setting this target cannot express, and why.",
+        "# The upstreams are those of the moment of export: after a change (load_balancer re-reads",
+        "# --backends-file on SIGHUP), export again and reload.",
+        "",
+    ]
+
+
+def _export_time(seconds: float) -> str:
+    """A duration as both peers write it: whole seconds as "30s", anything else in milliseconds
+    ("250ms"; at least 1ms: neither reads fractions, and to some directives 0 means "never")."""
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _export_address(host: str, port: int) -> str:
+    """host:port, an IPv6 address in brackets (both peers' listen/bind/server syntax)."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _export_indent(lines: list[str], by: str = "    ") -> list[str]:
+    """`lines` one block level deeper (empty lines stay empty)."""
+    return [by + line if line else "" for line in lines]
+
+
+def _export_is_ip(host: str) -> bool:
+    """Is `host` an IP address (rather than a name that is looked up)?"""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _export_host_header(specs: tuple) -> tuple[str, list[str]]:
+    """The Host sent upstream for a request that has none (HTTP/1.0): load_balancer sends the
+    chosen upstream's host[:port] as written; both peers build the request before they choose, so
+    they can send one value. (value, comment lines)."""
+    primaries = [spec for spec in specs if not spec.backup] or list(specs)
+    netlocs = sorted({spec.netloc for spec in specs})
+    if len(netlocs) == 1:
+        return netlocs[0], []
+    return primaries[0].netloc, [
+        f"# load_balancer: a request without Host (HTTP/1.0) gets Host: {primaries[0].netloc} whichever",
+        "# upstream it goes to; load_balancer sends the chosen upstream's own host:port."]
+
+
+def _export_retry_conditions(config: Config) -> list[str]:
+    """--retry-on as a list in HAProxy's order, without "none" (which only means "no other")."""
+    return [word for word in ("conn-failure", "empty-response", "response-timeout")
+            if word in config.retry_conditions]
+
+
+# ---------------------------------------------------------------------------------------------------
+# nginx
+# ---------------------------------------------------------------------------------------------------
+# nginx's default balancing in an upstream block is smooth weighted round robin, the very
+# algorithm of smooth_weighted_cycle(): weights 3,1,1 give a b a c a. With more than one worker
+# process the upstream's "zone" keeps that rotation (and the failure counts) in shared memory, so
+# the workers share one rotation as load_balancer's do. nginx open source has no active health
+# checks, no per-upstream Host or TLS name, and no admin API: see the comments it writes.
+
+def export_nginx(config: Config) -> str:
+    """The nginx.conf that reproduces `config` (``--export nginx``, through export_config()).
+    Written for ``nginx -p DIR -c FILE -g 'daemon off;'``: no daemon directive, and the pid file,
+    lock file, temp directories and access log are relative paths, under the prefix DIR."""
+    specs = config.backend_specs
+    lines = _export_preamble(config, "nginx", "nginx.conf", "nginx -p DIR -c FILE -g 'daemon off;'",
+                             "nginx -t -p DIR -c FILE")
+    lines += _nginx_main(config)
+    lines += ["", "http {"]
+    lines += _export_indent(_nginx_http(config))
+    lines += [""] + _export_indent(_nginx_maps(config))
+    lines += [""] + _export_indent(_nginx_upstream(config, specs))
+    lines += [""] + _export_indent(_nginx_proxy_server(config, specs))
+    if config.redirect_http_port is not None:
+        lines += [""] + _export_indent(_nginx_redirect_server(config))
+    if config.admin_port is not None:
+        lines += [""] + _export_indent(_nginx_admin_server(config))
+    lines += ["}", ""]
+    return "\n".join(lines)
+
+
+def _nginx_listen(host: str, port: int) -> str:
+    """A listen directive's address. load_balancer's socket on "::" takes IPv4 too (Linux's
+    default); nginx's takes only IPv6 unless told."""
+    host = host.strip("[]")
+    return _export_address(host, port) + (" ipv6only=off" if host == "::" else "")
+
+
+def _nginx_word(value: str) -> str:
+    """A directive argument, quoted when nginx would otherwise split or end it there."""
+    if re.fullmatch(r"[^\s;{}\"'\\#]+", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --log-level -> error_log level: nginx's "info" adds a line per client that closes a connection,
+# which load_balancer logs only at debug; its "notice" is our info (start, stop, upstream events).
+NGINX_LOG_LEVELS = {"debug": "info", "info": "notice", "warning": "warn", "error": "error"}
+
+
+def _nginx_main(config: Config) -> list[str]:
+    """The main context: processes, files under the prefix, the drain, connections per worker."""
+    idle = config.pool_size * len(config.backend_specs)
+    connections = 2 * config.max_connections + idle
+    return [
+        f"# --workers {config.workers}: processes sharing the port, as load_balancer's workers share it.",
+        f"worker_processes {config.workers};",
+        "# Files under the prefix (-p DIR), so that nothing needs root or a system path.",
+        "pid nginx.pid;",
+        "lock_file nginx.lock;",
+        f"error_log stderr {NGINX_LOG_LEVELS[config.log_level]};",
+        "# --drain-timeout: after SIGQUIT (nginx's graceful stop; SIGTERM and SIGINT stop at once,",
+        "# where load_balancer drains on all three) requests in flight get this long.",
+        f"worker_shutdown_timeout {_export_time(config.drain_timeout)};",
+        "# Descriptors for worker_connections, and a few for files and listeners.",
+        f"worker_rlimit_nofile {connections + 64};",
+        "",
+        "events {",
+        f"    # --max-connections {config.max_connections} clients per worker. nginx counts upstream "
+        "connections too:",
+        f"    # twice that, plus {idle} idle keep-alive ones (keepalive below). At the limit nginx closes",
+        "    # idle keep-alive client connections first, as load_balancer does.",
+        "    # load_balancer: when all are busy it answers 503; nginx stops accepting (the kernel queues).",
+        f"    worker_connections {connections};",
+        "}",
+    ]
+
+
+def _nginx_http(config: Config) -> list[str]:
+    """The http context: temp paths, access log, client-side timeouts and limits."""
+    lines = [
+        "# Temp files under the prefix (the compiled-in paths are system directories).",
+        "client_body_temp_path client_body_temp;",
+        "proxy_temp_path proxy_temp;",
+        "fastcgi_temp_path fastcgi_temp;",
+        "uwsgi_temp_path uwsgi_temp;",
+        "scgi_temp_path scgi_temp;",
+        "",
+    ]
+    lines += _nginx_access_log(config)
+    size = max(config.max_field_size, config.max_request_line)
+    count = max(2, math.ceil(config.max_header_size / size))
+    lines += [
+        "",
+        "# The upstream's own Server and Date pass through, as load_balancer passes them.",
+        "server_tokens off;",
+        "# load_balancer forwards header fields with an underscore; nginx drops them by default.",
+        "underscores_in_headers on;",
+        "",
+        "# --header-timeout: a new connection's first byte (and TLS handshake) and a whole request head.",
+        f"client_header_timeout {_export_time(config.header_timeout)};",
+        "# --idle-timeout: a keep-alive connection between requests, and a stalled request body or",
+        "# response write.",
+        f"keepalive_timeout {_export_time(config.idle_timeout)};",
+        f"client_body_timeout {_export_time(config.idle_timeout)};",
+        f"send_timeout {_export_time(config.idle_timeout)};",
+        "# (load_balancer serves any number of requests on a connection; nginx closes it after",
+        "# keepalive_requests, 1000, to free its memory: left as it is.)",
+        "",
+        "# --max-body-size (0 = unlimited in both): 413 above.",
+        f"client_max_body_size {config.max_body_size};",
+        f"# --max-request-line {config.max_request_line}, --max-field-size {config.max_field_size}, "
+        f"--max-header-size {config.max_header_size}: the request line",
+        f"# and each field line must fit in one {size}-byte buffer, the head in {count} of them.",
+        "# load_balancer: nginx answers 414 or 400 (load_balancer 414 or 431) and counts whole",
+        "# buffers, not bytes, so a head can pass that is a little over --max-header-size.",
+        f"large_client_header_buffers {count} {size};",
+        f"# load_balancer: --max-headers {config.max_headers} (the number of header fields) has no "
+        "nginx directive.",
+    ]
+    return lines
+
+
+def _nginx_access_log(config: Config) -> list[str]:
+    """--access-log and --access-log-format as a log_format of the same fields."""
+    if not config.access_log:
+        return ["# --access-log is off.", "access_log off;"]
+    formats = {
+        # load_balancer: client "request line" status upstream duration.
+        "short": "'$remote_addr \"$request\" $status $upstream_addr $request_time'",
+        "common": "'$remote_addr - - [$time_local] \"$request\" $status $bytes_sent'",
+        "combined": "'$remote_addr - - [$time_local] \"$request\" $status $bytes_sent '\n"
+                    "        '\"$http_referer\" \"$http_user_agent\"'",
+        "json": "escape=json '{\"time\":\"$time_iso8601\",\"client\":\"$remote_addr\","
+                "\"method\":\"$request_method\",'\n"
+                "        '\"target\":\"$request_uri\",\"version\":\"$server_protocol\",\"status\":$status,'\n"
+                "        '\"upstream\":\"$upstream_addr\",\"upstream_address\":\"$upstream_addr\",'\n"
+                "        '\"upstream_status\":\"$upstream_status\",\"duration_s\":$request_time,'\n"
+                "        '\"bytes_sent\":$bytes_sent,\"bytes_received\":$request_length,'\n"
+                "        '\"user_agent\":\"$http_user_agent\",\"referer\":\"$http_referer\"}'",
+    }
+    style = config.access_log_format
+    notes = {
+        "short": ["# load_balancer: the upstream is its address (its URL in load_balancer's log), the",
+                  "# duration in seconds with millisecond resolution (load_balancer: \"12.3ms\")."],
+        "common": [],
+        "combined": [],
+        "json": ["# load_balancer: nginx writes \"\" where load_balancer writes null, the upstream's",
+                 "# address where it writes its name, and \"duration_s\" (seconds) for \"duration_ms\";",
+                 "# time is local with an offset, to the second."],
+    }[style]
+    return [
+        f"# --access-log, --access-log-format {style}: load_balancer writes these lines to stderr; here",
+        "# they go to access.log under the prefix (access_log /dev/stdout when nginx runs in a",
+        "# container's foreground).",
+        *notes,
+        f"log_format load_balancer {formats[style]};",
+        "access_log access.log load_balancer;",
+    ]
+
+
+def _nginx_maps(config: Config) -> list[str]:
+    """Variables the proxy headers use: the Upgrade pair (WebSocket) and the Host fallback."""
+    host, notes = _export_host_header(config.backend_specs)
+    return [
+        "# WebSocket and other upgrades, nginx's documented pattern for upstream keep-alive: without",
+        "# Upgrade, Connection is \"\" (not sent), so the upstream connection stays reusable. h2c is",
+        "# never tunnelled (load_balancer refuses it: an h2c upgrade through a proxy smuggles requests).",
+        "map $http_upgrade $lb_upgrade {",
+        "    default $http_upgrade;",
+        "    \"~*h2c\" \"\";",
+        "}",
+        "map $lb_upgrade $connection_upgrade {",
+        "    default upgrade;",
+        "    \"\" \"\";",
+        "}",
+        "# Host goes upstream as the client sent it; without one, the upstream's host[:port].",
+        *notes,
+        "map $http_host $lb_host {",
+        f"    \"\" {_nginx_word(host)};",
+        "    default $http_host;",
+        "}",
+    ]
+
+
+def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
+    """The upstream block: servers with weights, backups and passive health; keep-alive pool."""
+    lines = [
+        "# Smooth weighted round robin (nginx's default), over the primaries; the backups take the",
+        "# requests only while every primary is down or has failed.",
+    ]
+    if all(spec.backup for spec in specs):
+        lines += ["# Every upstream is a backup: load_balancer rotates over them as over primaries; nginx",
+                  "# needs a primary, so here they are primaries."]
+    if len(specs) > 1:
+        seconds = max(1, math.ceil(config.fail_timeout))
+        lines += [
+            f"# --max-fails {config.max_fails} --fail-timeout {format_default(config.fail_timeout)}: "
+            "passive health, the upstream out for that long.",
+            f"# load_balancer: it counts {config.max_fails} failed requests in a row; nginx counts "
+            f"{config.max_fails} failures within",
+            f"# {seconds}s, successes between them or not.",
+        ]
+        if seconds != config.fail_timeout:
+            lines.append(f"# load_balancer: fail_timeout is whole seconds in nginx: "
+                         f"{format_default(config.fail_timeout)}s became {seconds}s.")
+        passive = f" max_fails={config.max_fails} fail_timeout={seconds}s"
+    else:
+        lines.append("# One upstream: neither load_balancer nor nginx takes it out after failures.")
+        passive = ""
+    if config.health_interval:
+        check = "HTTP GET " + config.health_path if config.health_path else "a TCP connect"
+        lines += [
+            f"# load_balancer: active health checks ({check} every "
+            f"{_export_time(config.health_interval)}, {_export_time(config.health_timeout)} timeout,",
+            f"# down after {config.fall} failures, up after {config.rise} passes) are nginx Plus's "
+            "health_check;",
+            "# open source nginx has none: an upstream is found down by the requests that fail on it.",
+        ]
+    lines += ["upstream load_balancer {",
+              "    # Shared memory: one rotation and one failure count for all worker processes.",
+              f"    zone load_balancer {64 + 4 * len(specs)}k;"]
+    every_backup = all(spec.backup for spec in specs)
+    for spec in specs:
+        weight = f" weight={spec.weight}" if spec.weight != 1 else ""
+        backup = " backup" if spec.backup and not every_backup else ""
+        default_name = spec.netloc if spec.name == spec.netloc else f"{spec.netloc}:{spec.port}"
+        name = "" if spec.name in (spec.netloc, default_name) else f"  # {spec.name}"
+        lines.append(f"    server {_export_address(spec.host, spec.port)}{weight}{passive}{backup};{name}")
+    if any(not _export_is_ip(spec.host) for spec in specs):
+        lines += ["    # load_balancer: nginx looks a host name up once, at start (and will not start if",
+                  "    # it does not resolve), each address becoming a server of that weight; load_balancer",
+                  "    # looks it up for each new connection and uses the first address that answers."]
+    if config.pool_size:
+        lines += [
+            f"    # --pool-size {config.pool_size} idle connections per upstream and worker; nginx's "
+            "keepalive counts per",
+            f"    # group and worker: {config.pool_size} x {len(specs)} upstreams.",
+            f"    keepalive {config.pool_size * len(specs)};",
+        ]
+    else:
+        lines.append("    # --pool-size 0: no upstream keep-alive (no keepalive directive).")
+    lines.append("}")
+    return lines
+
+
+def _nginx_proxy_server(config: Config, specs: tuple) -> list[str]:
+    """The server block of the listener: TLS, proxy headers, upstream timeouts, retries, TLS to
+    https:// upstreams, and the two locations (plain requests, upgrades)."""
+    tls = config.tls_cert is not None
+    what = ", with --tls-cert: HTTPS." if tls else "."
+    lines = ["server {",
+             f"    # --host {config.host} --port {config.port}{what}",
+             f"    listen {_nginx_listen(config.host, config.port)}{' ssl' if tls else ''};"]
+    if tls:
+        lines += [
+            "    # TLS 1.2 and 1.3 as load_balancer; the certificate is read again on reload (nginx -s",
+            "    # reload, or SIGHUP), as load_balancer reads it again on SIGHUP.",
+            f"    ssl_certificate {_nginx_word(config.tls_cert)};",
+            f"    ssl_certificate_key {_nginx_word(config.tls_key)};",
+            "    ssl_protocols TLSv1.2 TLSv1.3;",
+        ]
+    schemes = {spec.scheme for spec in specs}
+    primary = next((spec for spec in specs if not spec.backup), specs[0])
+    scheme = primary.scheme
+    lines += [
+        "",
+        "    # HTTP/1.1 upstream, so that connections are kept alive; Connection and Upgrade only for",
+        "    # an upgrade (the maps above).",
+        "    proxy_http_version 1.1;",
+        "    proxy_set_header Connection $connection_upgrade;",
+        "    proxy_set_header Upgrade $lb_upgrade;",
+        "    # X-Forwarded-For: the client's list, extended; X-Forwarded-Host and -Proto: set here, a",
+        "    # client's own replaced (an empty value is not sent: no Host, no X-Forwarded-Host).",
+        "    proxy_set_header Host $lb_host;",
+        "    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "    proxy_set_header X-Forwarded-Host $http_host;",
+        "    proxy_set_header X-Forwarded-Proto $scheme;",
+        "    proxy_pass_header Server;",
+        "    proxy_pass_header Date;",
+        "    # Bodies stream both ways as they arrive (event streams work), as in load_balancer.",
+        "    # Remove these two to let nginx buffer: it then frees upstreams from slow clients.",
+        "    proxy_buffering off;",
+        "    proxy_request_buffering off;",
+        "",
+        "    # --connect-timeout, and --timeout: the wait for a response head and between reads of a",
+        "    # body (and between writes of the request).",
+        f"    proxy_connect_timeout {_export_time(config.connect_timeout)};",
+        f"    proxy_read_timeout {_export_time(config.timeout)};",
+        f"    proxy_send_timeout {_export_time(config.timeout)};",
+    ]
+    lines += _export_indent(_nginx_retries(config))
+    if "https" in schemes:
+        lines += [""] + _export_indent(_nginx_upstream_tls(config, specs))
+    if len(schemes) > 1:
+        other = "http" if scheme == "https" else "https"
+        lines += [
+            "    # load_balancer: the upstreams mix http:// and https://; nginx's proxy_pass has one",
+            f"    # scheme for the group, here {scheme}:// (the first primary's), so requests to the "
+            f"{other}:// ones fail.",
+        ]
+    lines += [
+        "",
+        "    location / {",
+        "        # Upgrades go to @upgrade, whose idle timeout is --tunnel-timeout.",
+        "        error_page 418 = @upgrade;",
+        "        if ($lb_upgrade) {",
+        "            return 418;",
+        "        }",
+        f"        proxy_pass {scheme}://load_balancer;",
+        "    }",
+        "",
+        f"    # --tunnel-timeout {format_default(config.tunnel_timeout)}: how long an upgraded connection "
+        "(WebSocket) may idle;",
+        "    # nginx applies it to the wait for the 101 as well (load_balancer: --timeout).",
+        "    location @upgrade {",
+        f"        proxy_read_timeout {_export_time(config.tunnel_timeout)};",
+        f"        proxy_send_timeout {_export_time(config.tunnel_timeout)};",
+        f"        send_timeout {_export_time(config.tunnel_timeout)};",
+        f"        proxy_pass {scheme}://load_balancer;",
+        "    }",
+        "",
+        "    # No upstream available: load_balancer answers 503 with Retry-After, nginx 502 (\"no live",
+        "    # upstreams\" in its error log).",
+        "}",
+    ]
+    return lines
+
+
+def _nginx_retries(config: Config) -> list[str]:
+    """--retry-on as proxy_next_upstream. nginx's "error" is a failed connect or an upstream that
+    closed or reset before its response head; its "timeout" a connect or response-head timeout. It
+    never re-sends a non-idempotent request that reached an upstream (without non_idempotent,
+    which is never written here), and load_balancer re-sends only idempotent requests without a
+    body: nearly the same rule."""
+    conditions = set(_export_retry_conditions(config))
+    if not conditions:
+        # Failed connects and timeouts still count toward max_fails with "off" (checked with 1.22).
+        return ["", "# --retry-on none: a failed request is not tried on another upstream.",
+                "proxy_next_upstream off;"]
+    words = []
+    if conditions & {"conn-failure", "empty-response"}:
+        words.append("error")
+    if conditions & {"conn-failure", "response-timeout"}:
+        words.append("timeout")
+    lines = ["", f"# --retry-on {config.retry_on}: on to the next upstream, each tried at most",
+             "# once (nginx never tries a server twice for one request; proxy_next_upstream_tries is",
+             "# left at 0, no other limit)."]
+    extra = []
+    if "error" in words and "conn-failure" not in conditions:
+        extra.append("a failed connect (in \"error\")")
+    if "error" in words and "empty-response" not in conditions:
+        extra.append("an upstream that closed without answering (in \"error\")")
+    if "timeout" in words and "conn-failure" not in conditions:
+        extra.append("a connect timeout (in \"timeout\")")
+    if "timeout" in words and "response-timeout" not in conditions:
+        extra.append("a response-head timeout (in \"timeout\")")
+    if extra:
+        lines += ["# load_balancer: nginx cannot tell these apart; for idempotent requests it also retries",
+                  "# after " + ", and after ".join(extra) + "."]
+    lines.append(f"proxy_next_upstream {' '.join(words)};")
+    return lines
+
+
+def _nginx_upstream_tls(config: Config, specs: tuple) -> list[str]:
+    """TLS to https:// upstreams: verified against --backend-ca or the system's bundle, with the
+    host name as SNI, TLS 1.2 or later (client_tls_context())."""
+    names = sorted({spec.host for spec in specs if spec.scheme == "https"})
+    first = next(spec.host for spec in specs if spec.scheme == "https")
+    ca = config.backend_ca or EXPORT_SYSTEM_CA
+    lines = [
+        "# https:// upstreams: certificate and host name verified, SNI sent, TLS 1.2 or later.",
+        f"# The CA: {'--backend-ca' if config.backend_ca else 'the system bundle (no --backend-ca)'}; "
+        "chains as deep as OpenSSL's default allows.",
+        "proxy_ssl_verify on;",
+        "proxy_ssl_verify_depth 100;",
+        f"proxy_ssl_trusted_certificate {_nginx_word(ca)};",
+        "proxy_ssl_server_name on;",
+        "proxy_ssl_protocols TLSv1.2 TLSv1.3;",
+    ]
+    if len(names) > 1:
+        lines += ["# load_balancer: it checks each upstream's certificate against that upstream's name;",
+                  f"# nginx checks (and sends as SNI) one name per location: {first} for all of them."]
+    if _export_is_ip(first):
+        lines += ["# load_balancer: an upstream addressed by IP: nginx (like Python) sends no SNI, but it",
+                  "# matches the IP against the certificate's DNS names and CN (X509_check_host) where",
+                  "# Python matches its IP addresses: verification fails unless the IP is also a DNS name."]
+    lines.append(f"proxy_ssl_name {_nginx_word(first)};")
+    return lines
+
+
+def _nginx_redirect_server(config: Config) -> list[str]:
+    """--redirect-http-port: a plain-HTTP server answering 308 to the same URL on https."""
+    port = "" if config.port == 443 else f":{config.port}"
+    return [
+        f"# --redirect-http-port {config.redirect_http_port}: 308 to the same URL on https (keeps the "
+        "method).",
+        "server {",
+        f"    listen {_nginx_listen(config.host, config.redirect_http_port)};",
+        f"    return 308 https://$host{port}$request_uri;",
+        "}",
+    ]
+
+
+def _nginx_admin_server(config: Config) -> list[str]:
+    """--admin-port: nginx's stub_status, the only status open source nginx serves."""
+    return [
+        f"# --admin-host {config.admin_host} --admin-port {config.admin_port}: connection counters at "
+        "/status (stub_status).",
+        "# load_balancer: its dashboard (/), /status (JSON, per upstream), /metrics (Prometheus) and",
+        "# POST /backends/<name>/drain|maint|ready have no open source nginx equivalent (nginx Plus",
+        "# has its api module; nginx-prometheus-exporter turns stub_status into metrics). To take an",
+        "# upstream out, mark its server line \"down\" and reload.",
+        "server {",
+        f"    listen {_nginx_listen(config.admin_host, config.admin_port)};",
+        "    access_log off;",
+        "    location = /status {",
+        "        stub_status;",
+        "    }",
+        "    location / {",
+        "        return 404 \"404 Not Found: try /status\\n\";",
+        "    }",
+        "}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# HAProxy
+# ---------------------------------------------------------------------------------------------------
+# Written for HAProxy 2.4 or later (http-check send, .if blocks), checked against 2.6. "balance
+# roundrobin" is weighted round robin over the servers that are up: the same counts in every cycle
+# as smooth_weighted_cycle(), in another order (3,1,1: a a b a c, where load_balancer and nginx
+# give a b a c a). The backups ("option allbackups": all of them, in rotation) take over when no
+# primary is up. Nearly everything load_balancer does has a HAProxy directive; the rest is said in
+# the file.
+
+def export_haproxy(config: Config) -> str:
+    """The haproxy.cfg that reproduces `config` (``--export haproxy``, through export_config()).
+    Written for ``haproxy -db -f FILE`` (foreground): no daemon, chroot or user, logs on stdout,
+    no stats socket."""
+    specs = config.backend_specs
+    names = _haproxy_server_names(specs)
+    lines = _export_preamble(config, "haproxy", "haproxy.cfg", "haproxy -db -f FILE", "haproxy -c -f FILE")
+    lines += _haproxy_global(config)
+    lines += [""] + _haproxy_defaults(config, specs)
+    lines += [""] + _haproxy_frontend(config)
+    lines += [""] + _haproxy_backend(config, specs, names)
+    if config.redirect_http_port is not None:
+        lines += [""] + _haproxy_redirect(config)
+    if config.admin_port is not None:
+        lines += [""] + _haproxy_admin(config)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _haproxy_bind(host: str, port: int) -> str:
+    """A bind line's address; "::" takes IPv4 too, as load_balancer's socket does (v4v6)."""
+    host = host.strip("[]")
+    return _export_address(host, port) + (" v4v6" if host == "::" else "")
+
+
+def _haproxy_word(value: str) -> str:
+    """A config argument, quoted when needed: single quotes (no escapes, no ${ENV} expansion), or
+    double quotes with backslashes when the value holds a single quote."""
+    if re.fullmatch(r"[^\s\"'\\#$]+", value):
+        return value
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + re.sub(r'(["\\$#])', r"\\\1", value) + '"'
+
+
+def _haproxy_server_names(specs: tuple) -> list[str]:
+    """HAProxy server names: load_balancer's names with what HAProxy refuses (anything but
+    A-Z a-z 0-9 . _ : -, such as an IPv6 address's brackets) as "_", made unique."""
+    names: list[str] = []
+    for spec in specs:
+        name = re.sub(r"[^A-Za-z0-9._:-]", "_", spec.name)
+        candidate, n = name, 2
+        while candidate in names:
+            candidate, n = f"{name}_{n}", n + 1
+        names.append(candidate)
+    return names
+
+
+# --log-level -> the syslog level of the stdout logger. Access log lines are sent at "info".
+HAPROXY_LOG_LEVELS = {"debug": "debug", "info": "notice", "warning": "warning", "error": "err"}
+
+
+def _haproxy_global(config: Config) -> list[str]:
+    """The global section: threads, connections, the drain, buffers, logs."""
+    level = "info" if config.access_log else HAPROXY_LOG_LEVELS[config.log_level]
+    total = config.max_connections * config.workers
+    head = config.max_request_line + 2 + config.max_header_size + 2
+    lines = [
+        "global",
+        "    # Log lines on stdout (load_balancer writes them to stderr); HAProxy's start-up warnings",
+        "    # go to stderr.",
+        f"    log stdout format raw local0 {level}",
+        f"    # --workers {config.workers}: threads of one process, sharing one rotation and one health "
+        "state as",
+        "    # load_balancer's workers share theirs.",
+        f"    nbthread {config.workers}",
+        f"    # --max-connections {config.max_connections} per worker. At the limit HAProxy stops "
+        "accepting (the",
+        "    # kernel queues); load_balancer closes the longest-idle keep-alive connection, or answers 503.",
+        f"    maxconn {total}",
+        "    # --drain-timeout: after SIGUSR1 (HAProxy's soft stop; SIGTERM stops at once, where",
+        "    # load_balancer drains on SIGTERM, SIGINT and SIGQUIT) requests in flight get this long.",
+        f"    hard-stop-after {_export_time(config.drain_timeout)}",
+        f"    # --max-headers {config.max_headers} fields (HAProxy counts the start line too, and applies "
+        "the limit",
+        "    # to responses as well: 502 above it).",
+        f"    tune.http.maxhdr {config.max_headers + 1}",
+    ]
+    if config.tls_cert is not None and _haproxy_certificate(config)[1]:
+        lines += ["    # --tls-key is the --tls-cert .crt's .key: HAProxy looks there with this.",
+                  "    ssl-load-extra-del-ext"]
+    if head + HAPROXY_MAXREWRITE > HAPROXY_DEFAULT_BUFSIZE:
+        size = math.ceil((head + HAPROXY_MAXREWRITE) / 1024) * 1024
+        lines += [
+            f"    # --max-request-line {config.max_request_line} + --max-header-size "
+            f"{config.max_header_size}: a request head must fit",
+            f"    # in a buffer less tune.maxrewrite ({HAPROXY_MAXREWRITE}); the default buffer, "
+            f"{HAPROXY_DEFAULT_BUFSIZE}, would refuse",
+            "    # heads load_balancer accepts. Each connection holds two: lower the limits to keep it.",
+            f"    tune.bufsize {size}",
+        ]
+    else:
+        lines += [f"    # load_balancer: --max-request-line and --max-header-size are below HAProxy's "
+                  f"{HAPROXY_DEFAULT_BUFSIZE}-byte",
+                  "    # buffer, the only bound it has: it refuses only heads that do not fit in one (400)."]
+    lines += [
+        f"    # load_balancer: --max-request-line {config.max_request_line} and --max-field-size "
+        f"{config.max_field_size} bound single lines;",
+        "    # HAProxy bounds only the whole head (tune.bufsize).",
+    ]
+    return lines
+
+
+def _haproxy_defaults(config: Config, specs: tuple) -> list[str]:
+    """The defaults section: timeouts, keep-alive, X-Forwarded-For, retries."""
+    lines = [
+        "defaults",
+        "    mode http",
+        "    log global",
+        "    # --connect-timeout; --timeout: the wait for a response head and between reads.",
+        f"    timeout connect {_export_time(config.connect_timeout)}",
+        f"    timeout server {_export_time(config.timeout)}",
+        "    # --header-timeout: a whole request head, from a new connection's accept.",
+        "    # load_balancer: it also bounds the TLS handshake; in HAProxy that is timeout client.",
+        f"    timeout http-request {_export_time(config.header_timeout)}",
+        "    # --idle-timeout: a keep-alive connection between requests, a stalled body or write.",
+        f"    timeout http-keep-alive {_export_time(config.idle_timeout)}",
+        f"    timeout client {_export_time(config.idle_timeout)}",
+        "    # --tunnel-timeout: an upgraded connection (WebSocket) idle; HAProxy tunnels upgrades itself.",
+        f"    timeout tunnel {_export_time(config.tunnel_timeout)}",
+        "    # Connections kept alive on both sides.",
+        "    option http-keep-alive",
+    ]
+    if config.pool_size:
+        lines += ["    # --pool-size: idle upstream connections reused (pool-max-conn per server below).",
+                  "    http-reuse safe"]
+    else:
+        lines += ["    # --pool-size 0: no upstream connection is reused.", "    http-reuse never"]
+    conditions = _export_retry_conditions(config)
+    if conditions:
+        lines += [
+            f"    # --retry-on {config.retry_on}: on to the next upstream, each tried at most once",
+            "    # (redispatch on every retry; without it HAProxy retries the same server).",
+            f"    retry-on {' '.join(conditions)}",
+            f"    retries {len(specs) - 1}",
+            "    option redispatch 1",
+        ]
+    else:
+        lines += ["    # --retry-on none: a failed request is not tried on another upstream.",
+                  "    retry-on none", "    retries 0"]
+    return lines
+
+
+def _haproxy_frontend(config: Config) -> list[str]:
+    """The listener: bind (TLS), connection limit, request limits, X-Forwarded-*, access log."""
+    tls = config.tls_cert is not None
+    bind = _haproxy_bind(config.host, config.port)
+    lines = ["frontend load_balancer"]
+    if tls:
+        crt, _, notes = _haproxy_certificate(config)
+        lines += notes
+        bind += f" ssl crt {_haproxy_word(crt)} ssl-min-ver TLSv1.2 alpn http/1.1"
+    what = ", with --tls-cert: HTTPS." if tls else "."
+    lines += [f"    # --host {config.host} --port {config.port}{what}",
+              f"    bind {bind}",
+              f"    maxconn {config.max_connections * config.workers}"]
+    lines += _haproxy_access_log(config)
+    lines += [
+        "    # X-Forwarded-For: the client's list extended by its address, on one line (several lines",
+        "    # from the client: a line of its own after them, the same list by RFC 9110 section 5.3;",
+        "    # \"option forwardfor\" would always add a line, which apps reading one line miss).",
+        "    # (In this order: each rule sees the lines the one before it left.)",
+        "    http-request add-header X-Forwarded-For %[src] if { req.fhdr_cnt(x-forwarded-for) gt 1 }",
+        "    http-request set-header X-Forwarded-For \"%[req.fhdr(x-forwarded-for)], %[src]\" "
+        "if { req.fhdr_cnt(x-forwarded-for) eq 1 }",
+        "    http-request set-header X-Forwarded-For %[src] if { req.fhdr_cnt(x-forwarded-for) eq 0 }",
+        "    # Upgrades (WebSocket) are tunnelled by HAProxy itself; h2c never (load_balancer refuses",
+        "    # it: an h2c upgrade through a proxy smuggles requests), so its Upgrade field goes.",
+        "    # load_balancer: HAProxy also checks a WebSocket handshake (Sec-WebSocket-Key, -Accept)",
+        "    # and refuses one without them (400, 502), which load_balancer tunnels as it is.",
+        "    http-request del-header Upgrade if { req.hdr(upgrade),lower -m sub h2c }",
+        "    # X-Forwarded-Host and -Proto set here, a client's own replaced or removed.",
+        f"    http-request set-header X-Forwarded-Proto {'https' if tls else 'http'}",
+        "    http-request del-header X-Forwarded-Host",
+        "    http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found }",
+    ]
+    host_header, notes = _export_host_header(config.backend_specs)
+    lines += ["    # Host goes upstream as the client sent it; without one, the upstream's host[:port]."]
+    lines += ["    " + note for note in notes]
+    lines.append(f"    http-request set-header Host {_haproxy_word(host_header)} "
+                 "if !{ req.hdr(host) -m found }")
+    if config.max_body_size:
+        lines += [
+            f"    # --max-body-size {config.max_body_size}: 413 above, for a body with Content-Length.",
+            "    # load_balancer: a chunked body is counted as it arrives and cut at the limit; HAProxy",
+            "    # could only by buffering it whole (option http-buffer-request), so it is not limited.",
+            "    http-request deny deny_status 413 if "
+            f"{{ req.hdr_val(content-length) gt {config.max_body_size} }}",
+        ]
+    lines.append("    default_backend upstreams")
+    return lines
+
+
+def _haproxy_certificate(config: Config) -> tuple[str, bool, list[str]]:
+    """The crt of the TLS bind line: (file, needs ssl-load-extra-del-ext, comment lines). HAProxy
+    2.2 to 2.9 read a certificate's key from the same PEM file or from the file next to it, FILE.key
+    (with ssl-load-extra-del-ext: a .crt's .key); naming any key file takes 3.0's crt-store
+    ("load crt FILE key KEY"), avoided so that the file works on 2.4 and later."""
+    cert, key = config.tls_cert, config.tls_key
+    if key == cert:
+        return cert, False, ["    # --tls-cert and --tls-key are one PEM file."]
+    if key == cert + ".key":
+        return cert, False, ["    # The key is FILE.key, where HAProxy looks for it."]
+    if cert.endswith(".crt") and key == cert[:-4] + ".key":
+        return cert, True, ["    # The key is the .crt's .key, found with ssl-load-extra-del-ext (global)."]
+    combined = cert + ".haproxy.pem"
+    return combined, False, [
+        "    # load_balancer: HAProxy reads the key from the certificate's PEM file or from FILE.key",
+        "    # beside it (a crt-store, HAProxy 3.0+, can name any key file); make one PEM file, and",
+        "    # again after each renewal:",
+        f"    #   cat {_export_shell_word(cert)} {_export_shell_word(key)} "
+        f"> {_export_shell_word(combined)}",
+    ]
+
+
+def _haproxy_access_log(config: Config) -> list[str]:
+    """--access-log and --access-log-format as a log-format of the same fields."""
+    if not config.access_log:
+        return ["    # --access-log is off: no line per request (server state changes are still logged).",
+                "    no log"]
+    style = config.access_log_format
+    formats = {
+        "short": "'%ci \"%r\" %ST %b/%s %Tt'",
+        "common": "'%ci - - [%trl] \"%r\" %ST %B'",
+        "combined": "'%ci - - [%trl] \"%r\" %ST %B "
+                    "\"%[capture.req.hdr(0)]\" \"%[capture.req.hdr(1)]\"'",
+        "json": "'{\"time\":\"%[date,utime(%Y-%m-%dT%H:%M:%SZ)]\",\"client\":\"%ci\",\"method\":\"%HM\","
+                "\"target\":\"%[capture.req.uri,json(utf8s)]\",\"version\":\"%HV\",\"status\":%ST,"
+                "\"upstream\":\"%s\",\"upstream_address\":\"%si:%sp\",\"upstream_status\":%ST,"
+                "\"duration_ms\":%Tt,\"bytes_sent\":%B,\"bytes_received\":%U,"
+                "\"user_agent\":\"%[capture.req.hdr(1),json(utf8s)]\","
+                "\"referer\":\"%[capture.req.hdr(0),json(utf8s)]\"}'",
+    }
+    notes = {
+        "short": ["    # load_balancer: the upstream is backend/server (its URL in load_balancer's log), the",
+                  "    # duration whole milliseconds without \"ms\"."],
+        "common": [],
+        "combined": [],
+        "json": ["    # load_balancer: HAProxy writes \"-\" or <NOSRV> where load_balancer writes null, and",
+                 "    # the time to the second."],
+    }[style]
+    lines = [f"    # --access-log, --access-log-format {style}, on stdout."] + notes
+    if style in ("combined", "json"):
+        lines += ["    capture request header Referer len 1024",
+                  "    capture request header User-Agent len 1024"]
+    return lines + [f"    log-format {formats[style]}"]
+
+
+def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str]:
+    """The upstreams: round robin, backups, retry safety, health, keep-alive pool, TLS."""
+    lines = [
+        "backend upstreams",
+        "    # Weighted round robin; the backups, all of them in rotation, when no primary is up.",
+        "    balance roundrobin",
+        "    option allbackups",
+    ]
+    if any(spec.backup for spec in specs) and not all(spec.backup for spec in specs):
+        lines += ["    # load_balancer: a request that every primary failed goes on to a backup at once;",
+                  "    # HAProxy turns to the backups only when the primaries are marked down (health",
+                  "    # checks), and answers 503 until then."]
+    if set(_export_retry_conditions(config)) & {"empty-response", "response-timeout"}:
+        lines += [
+            "    # A request that reached an upstream is re-sent only if idempotent and without a body",
+            "    # (load_balancer's rule; HAProxy itself would re-send a POST).",
+            "    http-request disable-l7-retry unless { method GET HEAD OPTIONS TRACE PUT DELETE } "
+            "!{ req.hdr(transfer-encoding) -m found } !{ req.hdr_val(content-length) gt 0 }",
+        ]
+    options = []
+    if config.health_interval:
+        lines += _haproxy_checks(config, specs, names)
+        options.append(f"check inter {_export_time(config.health_interval)} "
+                       f"rise {config.rise} fall {config.fall}")
+    else:
+        lines.append("    # --health-interval 0: no active health checks.")
+    if len(specs) > 1 and config.health_interval:
+        lines += [
+            f"    # --max-fails {config.max_fails}: passive health, that many failed connects in a row "
+            "mark a server",
+            "    # down (layer4: connects; layer7 would also count 5xx answers, which load_balancer passes",
+            "    # on as answers).",
+            "    # load_balancer: it also counts timeouts and upstreams that closed without answering,",
+            f"    # and puts the upstream back after --fail-timeout {format_default(config.fail_timeout)}; "
+            f"HAProxy when {config.rise} health checks",
+            "    # have passed (there is no timed ejection).",
+        ]
+        options.append(f"observe layer4 error-limit {config.max_fails} on-error mark-down")
+    elif len(specs) > 1:
+        lines += [
+            f"    # load_balancer: --max-fails {config.max_fails} --fail-timeout "
+            f"{format_default(config.fail_timeout)} (passive health) needs",
+            "    # active checks in HAProxy (observe ... on-error mark-down works with check): without",
+            "    # them failed requests take no upstream out.",
+        ]
+    if config.pool_size:
+        lines.append(f"    # --pool-size {config.pool_size}: idle connections kept per server.")
+        options.append(f"pool-max-conn {config.pool_size}")
+    if options:
+        lines.append("    default-server " + " ".join(options))
+    https = [spec for spec in specs if spec.scheme == "https"]
+    ca = config.backend_ca or EXPORT_SYSTEM_CA
+    if https:
+        lines += [
+            "    # https:// upstreams: certificate and host name verified, the host as SNI, TLS 1.2 or",
+            f"    # later, ALPN http/1.1. CA: {'--backend-ca' if config.backend_ca else 'the system bundle'} "
+            "(HAProxy 2.6 also reads ca-file @system-ca).",
+        ]
+        if any(_export_is_ip(spec.host) for spec in https):
+            lines += ["    # load_balancer: an https:// upstream addressed by IP: HAProxy matches the IP",
+                      "    # against the certificate's DNS names, where Python matches its IP addresses."]
+    for spec, name in zip(specs, names):
+        words = [f"    server {name} {_export_address(spec.host, spec.port)}"]
+        if spec.weight != 1:
+            words.append(f"weight {spec.weight}")
+        if spec.backup:
+            words.append("backup")
+        if spec.scheme == "https":
+            words.append(f"ssl verify required ca-file {_haproxy_word(ca)} sni str({spec.host}) "
+                         "ssl-min-ver TLSv1.2 alpn http/1.1")
+            if config.health_interval:
+                words.append(f"check-sni {spec.host}")
+        lines.append(" ".join(words) + (f"  # {spec.name}" if name != spec.name else ""))
+    if any(not _export_is_ip(spec.host) for spec in specs):
+        lines += ["    # load_balancer: a host name is looked up once, when HAProxy starts (a resolvers",
+                  "    # section would follow changes); load_balancer looks it up for each new connection."]
+    return lines
+
+
+def _haproxy_checks(config: Config, specs: tuple, names: list[str]) -> list[str]:
+    """Active health checks: a TCP connect (TLS handshake for https://) without --health-path, a
+    GET of it with 2xx or 3xx expected with one (HealthChecker.probe())."""
+    lines = [
+        f"    # Active health checks every {_export_time(config.health_interval)}: down after "
+        f"{config.fall} failures in a row, up after {config.rise}",
+        f"    # passes. --health-timeout {format_default(config.health_timeout)}: the answer within "
+        "timeout check (the connect",
+        "    # within the shorter of timeout connect and inter).",
+        f"    timeout check {_export_time(config.health_timeout)}",
+    ]
+    if config.health_path is None:
+        return lines + ["    # Without --health-path: a TCP connect (and TLS handshake for https://)."]
+    # The Host of a check is the upstream's host[:port]: one value for all of them, or the
+    # server's name when every name is its host:port.
+    netlocs = {spec.netloc for spec in specs}
+    if len(netlocs) == 1:
+        host = _haproxy_word(next(iter(netlocs)))
+    elif all(name == spec.name and spec.name in (spec.netloc, f"{spec.netloc}:{spec.port}")
+             for spec, name in zip(specs, names)):
+        host = "%[srv_name]"
+    else:
+        host = _haproxy_word(specs[0].netloc)
+        lines += [f"    # load_balancer: checks send Host: {specs[0].netloc} to every upstream, its own "
+                  "host:port in",
+                  "    # load_balancer: HAProxy has one check request per backend."]
+    agent = _haproxy_word(f"load_balancer/{__version__} health-check")
+    return lines + [
+        "    # --health-path: GET it, 2xx or 3xx passes.",
+        "    option httpchk",
+        f"    http-check send meth GET uri {_haproxy_word(config.health_path)} ver HTTP/1.1 hdr Host {host} "
+        f"hdr User-Agent {agent}",
+        "    http-check expect status 200-399",
+    ]
+
+
+def _haproxy_redirect(config: Config) -> list[str]:
+    """--redirect-http-port: a plain-HTTP frontend answering 308 to the same URL on https."""
+    port = "" if config.port == 443 else f":{config.port}"
+    return [
+        f"# --redirect-http-port {config.redirect_http_port}: 308 to the same URL on https (keeps the "
+        "method).",
+        "frontend redirect",
+        f"    bind {_haproxy_bind(config.host, config.redirect_http_port)}",
+        "    no log",
+        "    http-request redirect code 308 location "
+        f"https://%[req.hdr(host),regsub(:[0-9]+$,)]{port}%[capture.req.uri]",
+    ]
+
+
+def _haproxy_admin(config: Config) -> list[str]:
+    """--admin-port: HAProxy's stats page (with its admin form) and its Prometheus exporter."""
+    lines = [
+        f"# --admin-host {config.admin_host} --admin-port {config.admin_port}: the stats page at / "
+        "(HTML; /;json and /;csv",
+        "# for machines), Prometheus metrics at /metrics when HAProxy is built with its exporter",
+        "# (haproxy -vv lists +PROMEX; Debian's, Ubuntu's and the official images are).",
+        "# load_balancer: /status's JSON and POST /backends/<name>/drain|maint|ready take other",
+        "# shapes here: the stats page's admin form (below), or the runtime API (set server",
+        "# upstreams/NAME state drain|maint|ready) on a stats socket.",
+        "frontend admin",
+        f"    bind {_haproxy_bind(config.admin_host, config.admin_port)}",
+        "    no log",
+        ".if feature(PROMEX)",
+        "    http-request use-service prometheus-exporter if { path /metrics }",
+        ".endif",
+        "    # Admin actions refused from another origin, as load_balancer refuses them.",
+        "    http-request deny deny_status 403 if METH_POST "
+        "{ req.hdr(sec-fetch-site) -m str cross-site same-site }",
+        "    http-request set-var(txn.lb_host) req.hdr(host)",
+        "    http-request set-var(txn.lb_origin) str(http://),concat(,txn.lb_host,)",
+        "    http-request deny deny_status 403 if METH_POST { req.hdr(origin) -m found } "
+        "!{ req.hdr(origin),strcmp(txn.lb_origin) eq 0 }",
+        "    stats enable",
+        "    stats uri /",
+        "    stats refresh 5s",
+    ]
+    if config.admin_token:
+        bearer = _haproxy_word("Bearer " + config.admin_token)
+        lines += ["    # --admin-token: the admin form works only with Authorization: Bearer <token> (the",
+                  "    # token is in this file: keep it private).",
+                  f"    stats admin if {{ req.hdr(authorization) -m str {bearer} }}"]
+    else:
+        lines += ["    stats admin if TRUE"]
+    return lines
 
 
 # ===================================================================================================
@@ -2150,100 +5870,79 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def worker_count(text: str) -> int:
-    return (os.cpu_count() or 1) if text == "auto" else int(text)
-
-
 def build_parser() -> ArgumentParser:
-    d = Config()
-    p = ArgumentParser(prog="load_balancer", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Round-robin HTTP/1.1 load balancer (one file, standard library only).")
-    p.add_argument("--host", default=d.host, help="address to listen on")
-    p.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any free port)")
-    p.add_argument("--backend", dest="backends", action="append", metavar="URL", default=argparse.SUPPRESS,
-                   help="upstream http://host:port, repeatable; replaces SERVER_URLS "
-                        f"({', '.join(SERVER_URLS)})")
-    p.add_argument("--workers", type=worker_count, default=d.workers,
-                   help="processes sharing the port (SO_REUSEPORT); 'auto' = one per CPU")
-    g = p.add_argument_group("upstream side")
-    g.add_argument("--timeout", type=float, default=d.timeout,
-                   help="seconds to wait for an upstream's response head, and between its body reads")
-    g.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
-                   help="seconds to wait for an upstream to accept a connection")
-    g.add_argument("--pool-size", type=int, default=d.pool_size,
-                   help="idle keep-alive connections kept per upstream")
-    g = p.add_argument_group("client side")
-    g.add_argument("--header-timeout", type=float, default=d.header_timeout,
-                   help="seconds for a new connection's first byte, and for a whole request head (408 after)")
-    g.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
-                   help="seconds a keep-alive connection may idle, or a body stall")
-    g.add_argument("--max-request-line", type=int, default=d.max_request_line,
-                   help="bytes (414 above)")
-    g.add_argument("--max-header-size", type=int, default=d.max_header_size,
-                   help="bytes of header fields (431 above)")
-    g.add_argument("--max-headers", type=int, default=d.max_headers,
-                   help="header fields (431 above)")
-    g.add_argument("--max-body-size", type=int, default=d.max_body_size,
-                   help="bytes of request body (413 above); 0 = unlimited")
-    g.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="concurrent client connections per worker (503 above)")
-    g = p.add_argument_group("health")
-    g.add_argument("--health-path", default=d.health_path, help="path of the active check")
-    g.add_argument("--health-interval", type=float, default=d.health_interval,
-                   help="seconds between active checks; 0 = off")
-    g.add_argument("--health-timeout", type=float, default=d.health_timeout,
-                   help="seconds an active check may take")
-    g.add_argument("--rise", type=int, default=d.rise, help="passed checks to come back up")
-    g.add_argument("--fall", type=int, default=d.fall, help="failed checks to go down")
-    g.add_argument("--max-fails", type=int, default=d.max_fails,
-                   help="failed requests within --fail-timeout that take an upstream out")
-    g.add_argument("--fail-timeout", type=float, default=d.fail_timeout,
-                   help="window for --max-fails, and how long the upstream stays out")
-    g = p.add_argument_group("operations")
-    g.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
-                   help="seconds in-flight requests may take after SIGTERM/SIGINT")
-    g.add_argument("--admin-host", default=d.admin_host, help="address of the status listener")
-    g.add_argument("--admin-port", type=int, default=argparse.SUPPRESS,
-                   help="port for GET /status (JSON); off unless given")
-    g.add_argument("--access-log", action="store_true", help="log every request")
-    g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
-                   type=str.lower, help="logging level")
+    """The command line, built from the Config fields: a flag per setting, in its group."""
+    p = ArgumentParser(prog="load_balancer", description="Round-robin HTTP/1.1 load balancer "
+                       "(one file, standard library only).")
+    groups: dict = {}
+    for item in fields(Config):
+        meta = item.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(
+            meta["group"], p if meta["group"] == "general" else p.add_argument_group(meta["group"]))
+        options = {"dest": item.name, "help": meta["help"]}
+        if meta["type"] is bool:
+            options["action"] = "store_true"
+        else:
+            options.update(type=meta["type"] or str, metavar=meta["metavar"],
+                           choices=meta["choices"], default=item.default)
+            if meta["choices"]:
+                options["type"] = str.lower
+            if item.name == "backends":
+                options.update(action="append", default=argparse.SUPPRESS, type=str)
+            elif item.default is not None:
+                options["help"] += f" (default: {format_default(item.default)})"
+        group.add_argument(flag_of(item), **options)
+    p.add_argument("--export", choices=("nginx", "haproxy"), type=str.lower,
+                   help="print an nginx.conf or haproxy.cfg that reproduces this balancer, then exit")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
+def format_default(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``python3 load_balancer.py``, ``python3 -m load_balancer`` and the
+    ``load-balancer`` command). Exit codes: 0 after a stop signal, 1 when it cannot start (a busy
+    port), 2 for a wrong flag, URL or file."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker-process"]:
+        return worker_process(argv[1])
     parser = build_parser()
     options = vars(parser.parse_args(argv))
-    options["backends"] = tuple(options.get("backends") or SERVER_URLS)
+    export = options.pop("export")
+    if "backends" in options:
+        if options["backends_file"] is not None:
+            parser.error("give --backend or --backends-file, not both")
+        options["backends"] = tuple(options["backends"])
     try:
         config = Config(**options)
     except ValueError as error:
         parser.error(str(error))
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
+    if export:
+        sys.stdout.write(export_config(config, export))
+        return 0
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
-    if config.workers > 1 and not (hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")):
-        log.warning("--workers needs SO_REUSEPORT and fork(), which this system lacks: one worker")
+    if config.workers > 1 and not (hasattr(socket, "SO_REUSEPORT") and fcntl):
+        log.warning("--workers needs SO_REUSEPORT and fcntl, which this system lacks: one worker")
         config = replace(config, workers=1)
     try:
         if config.workers == 1:
             return serve(config, ready=lambda balancer: announce(config, balancer.port, balancer.admin_port))
-        reserved = [reserve(config.host, config.port)]
-        if config.admin_port is not None:
-            reserved.append(reserve(config.admin_host, config.admin_port))
-        config = replace(config, port=reserved[0].getsockname()[1],
-                         admin_port=reserved[1].getsockname()[1] if config.admin_port is not None else None)
-        return supervise(config, reserved, ready=lambda: announce(config, config.port, config.admin_port))
+        return supervise(config, ready=lambda config, control: announce(
+            config, config.port, control.admin.server_address[1] if control.admin else None))
     except ListenError as error:
-        print(f"load_balancer: error: {error.strerror}", file=sys.stderr)
+        sys.stderr.write(f"load_balancer: error: {error.strerror}\n")
         return 1
 
 
 def announce(config: Config, port: int, admin_port: int | None) -> None:
     host = f"[{config.host}]" if ":" in config.host else config.host
-    log.info("load_balancer %s listening on http://%s:%d with %d worker%s, balancing over %s",
-             __version__, host, port, config.workers, "" if config.workers == 1 else "s",
+    scheme = "https" if config.tls_cert else "http"
+    log.info("load_balancer %s listening on %s://%s:%d with %d worker%s, balancing over %s",
+             __version__, scheme, host, port, config.workers, "" if config.workers == 1 else "s",
              ", ".join(config.backends))
     if admin_port is not None:
         log.info("admin on http://%s:%d/status", config.admin_host, admin_port)

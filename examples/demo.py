@@ -2,7 +2,8 @@
 """`make demo`: three example upstreams and load_balancer.py in front of them, in the foreground.
 
 Starts `examples/server.py` on ports 8001, 8002, 8003 and
-`load_balancer.py --host 127.0.0.1 --port 8080 --backend ... --admin-port 8081 --health-interval 1`,
+`load_balancer.py --host 127.0.0.1 --port 8080 --backend ... --admin-port 8081 --health-path /health
+--health-interval 1`,
 waits until every port accepts connections, prints what to try, and runs until Ctrl-C (SIGINT) or
 SIGTERM, which stops all four children (SIGTERM, then SIGKILL after a timeout) and exits 0.
 If a port is busy or a child exits on its own, the others are stopped and the exit code is 1.
@@ -341,6 +342,7 @@ def print_hints(args, children: list[Child]) -> None:
         f"  {f'curl {lb}/':<{width}}  # three times: "
         + ", ".join(str(p) for p in ups[:3]) + " answer in turn",
         f"  {f'curl http://127.0.0.1:{args.admin_port}/status':<{width}}  # JSON status of the backends",
+        f"  {f'http://127.0.0.1:{args.admin_port}/':<{width}}  # the dashboard, in a browser",
         f"  {f'curl -X POST http://localhost:{second}/health/fail':<{width}}  # {second} fails its "
         f"health checks: down after 3 (about 3 s)",
         f"  {f'curl {lb}/':<{width}}  # {second} is skipped now",
@@ -361,7 +363,7 @@ def run(args, signals: Signals) -> int:
     balancer_argv = [python, args.balancer, "--host", HOST, "--port", str(args.lb_port)]
     for port in args.upstream_ports:
         balancer_argv += ["--backend", f"http://{HOST}:{port}"]
-    balancer_argv += ["--admin-port", str(args.admin_port),
+    balancer_argv += ["--admin-port", str(args.admin_port), "--health-path", "/health",
                       "--health-interval", str(HEALTH_INTERVAL)]
     balancer = Child("load balancer", args.lb_port, balancer_argv)
     started: list[Child] = []
@@ -369,8 +371,8 @@ def run(args, signals: Signals) -> int:
         busy = [p for p in [args.lb_port, args.admin_port, *args.upstream_ports] if not port_free(p)]
         if busy:
             raise DemoError(f"port{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} "
-                            f"already in use on {HOST} (choose others with --lb-port, "
-                            f"--admin-port, --upstream-ports)")
+                            f"already in use on {HOST} (choose others: make demo DEMO_LB_PORT=8090 "
+                            f"DEMO_ADMIN_PORT=8091 DEMO_UPSTREAM_PORTS=9001,9002,9003)")
         if not Path(args.balancer).is_file():
             raise DemoError(f"{args.balancer} not found")
         setup = _child_setup_factory()

@@ -54,12 +54,16 @@ DEFAULTS = [
     ("--header-timeout", "10"), ("--idle-timeout", "60"), ("--max-request-line", "8190"),
     ("--max-header-size", "32768"), ("--max-headers", "100"),
     ("--max-body-size", "1073741824"), ("--max-connections", "1024"), ("--pool-size", "64"),
-    ("--health-path", "/health"), ("--health-interval", "5"), ("--health-timeout", "2"),
-    ("--rise", "2"), ("--fall", "3"), ("--max-fails", "1"), ("--fail-timeout", "10"),
+    ("--health-interval", "5"), ("--health-timeout", "2"),
+    ("--rise", "2"), ("--fall", "3"), ("--max-fails", "5"), ("--fail-timeout", "10"),
+    ("--tunnel-timeout", "3600"), ("--max-field-size", "8192"),
+    ("--retry-on", "conn-failure,empty-response"), ("--access-log-format", "short"),
     ("--drain-timeout", "10"), ("--admin-host", "127.0.0.1"),
     ("--backend", "http://localhost:8001"),
 ]
-OTHER_FLAGS = ["--admin-port", "--workers", "--access-log", "--log-level", "--version"]
+OTHER_FLAGS = ["--admin-port", "--workers", "--access-log", "--log-level", "--version", "--health-path",
+               "--backends-file", "--admin-token", "--tls-cert", "--tls-key", "--backend-ca",
+               "--redirect-http-port", "--export"]
 
 
 def help_blocks(text: str) -> list[str]:
@@ -257,7 +261,8 @@ def test_state_changes_logged_once_on_stderr(cli, upstreams):
 
     up, = upstreams(1, handler)
     p = cli(["--host", "127.0.0.1", "--port", "0", "--health-interval", "0.2", "--fall", "1",
-             "--rise", "1", "--log-level", "info", "--backend", up.url]).wait_ready()
+             "--rise", "1", "--health-path", "/health", "--log-level", "info",
+             "--backend", up.url]).wait_ready()
 
     def state_lines():
         return [line for line in p.stderr_text().splitlines()

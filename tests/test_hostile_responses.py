@@ -296,13 +296,21 @@ def test_malformed_response_gets_502(scripted, script):
     assert_discarded(b, s)
 
 
-def test_101_after_stripped_upgrade_gets_502(scripted):
-    """The client asked for websocket, the balancer stripped Upgrade (contract), so a 101 from the
-    upstream is unsolicited: 502, no tunnel."""
-    b, s = scripted(sends(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nevil tunnel"))
+@pytest.mark.parametrize("asked, answered", [
+    pytest.param(None, b"websocket", id="nothing-asked"),
+    pytest.param(b"websocket", b"h2c", id="another-protocol"),
+    pytest.param(b"websocket", None, id="no-protocol-named"),
+])
+def test_101_not_asked_for_gets_502(scripted, asked, answered):
+    """RFC 9110 15.2.2: a 101 switches to the protocol the client asked for. One nobody asked for,
+    or naming another protocol, would hand the client a tunnel it never wanted: 502, no tunnel."""
+    b, s = scripted(sends(b"HTTP/1.1 101 Switching Protocols\r\n"
+                          + (b"Upgrade: " + answered + b"\r\n" if answered else b"")
+                          + b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                          b"evil tunnel"))
+    upgrade = (b"Upgrade: " + asked + b"\r\nConnection: Upgrade\r\n" if asked else b"")
     with RawClient(b.port, timeout=TIMEOUT + 5) as client:
-        client.send(b"GET /scripted HTTP/1.1\r\nHost: test.local\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        client.send(b"GET /scripted HTTP/1.1\r\nHost: test.local\r\n" + upgrade +
                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         resp, _ = read_response(client)
     assert resp.status == 502, resp
