@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,9 @@ sys.path.insert(0, str(ROOT))
 import load_balancer as lb  # noqa: E402
 
 SOCKET_TIMEOUT = 10.0
+# Tests that need a system program (Chromium, nginx, HAProxy) skip with a reason where it is
+# missing; .ci/run installs them and sets this, which turns such a skip into a failure.
+REQUIRE_SYSTEM_PROGRAMS = os.environ.get("LB_REQUIRE_SYSTEM_PROGRAMS") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -419,6 +423,19 @@ def refuses(port: int) -> bool:
 def refused_url() -> str:
     """A URL on 127.0.0.1 where nothing listens (connect is refused)."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+def require_program(*names: str) -> str:
+    """The path of the first of `names` installed (PATH, then the sbin directories), or a skip
+    with the reason (a failure under LB_REQUIRE_SYSTEM_PROGRAMS=1, as in CI)."""
+    for name in names:
+        path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+        if path:
+            return path
+    reason = f"{' or '.join(names)} is not installed"
+    if REQUIRE_SYSTEM_PROGRAMS:
+        pytest.fail(reason + ", and LB_REQUIRE_SYSTEM_PROGRAMS=1 requires it")
+    pytest.skip(reason + " (CI installs it; apt-get install " + names[0] + ")")
 
 
 # ---------------------------------------------------------------------------------------------------

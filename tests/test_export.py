@@ -4,7 +4,7 @@ load_balancer does (weights 3,1,1: 30/10/10 over 50 requests; the backup only on
 are gone); plus the --export flag of the command line.
 
 nginx and haproxy are looked up on PATH and in /usr/sbin. A missing one skips its tests, unless
-LB_REQUIRE_PEERS=1 (a CI job that installs them), which makes that a failure. Peers are killed by
+LB_REQUIRE_SYSTEM_PROGRAMS=1 (.ci/run, which installs them), which makes that a failure. Peers are killed by
 PID in a finally (nginx's workers too), every socket has a timeout, and readiness is polled
 against a deadline, never slept for.
 """
@@ -21,13 +21,12 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, lb
+from conftest import ROOT, free_ports, lb, proc_children, require_program, wait_until
 
 export_config = lb.export_config
 
@@ -38,41 +37,6 @@ PEERS = ("nginx", "haproxy")
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-
-def find_peer(name: str) -> str:
-    """The path of the nginx or haproxy binary, or a skip (a failure with LB_REQUIRE_PEERS=1)."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
-    if path:
-        return path
-    reason = f"{name} is not installed (neither on PATH nor in /usr/sbin)"
-    if os.environ.get("LB_REQUIRE_PEERS") == "1":
-        pytest.fail(reason + ", and LB_REQUIRE_PEERS=1 requires it")
-    pytest.skip(reason)
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports on 127.0.0.1 that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.settimeout(SOCKET_TIMEOUT)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
 
 def accepts(port: int) -> bool:
     try:
@@ -179,24 +143,9 @@ class PortServer(ThreadingHTTPServer):
                 pass
 
 
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (nginx's workers), from /proc."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as file:
-                    stat = file.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
-                children.append(int(entry))
-    return children
-
-
 def start_peer(target: str, text: str, directory: Path) -> subprocess.Popen:
     """nginx or HAProxy in the foreground on the exported file, as its comment says to run it."""
-    binary = find_peer(target)
+    binary = require_program(target)
     directory.mkdir(exist_ok=True)
     name = "nginx.conf" if target == "nginx" else "haproxy.cfg"
     (directory / name).write_text(text)
@@ -210,7 +159,7 @@ def start_peer(target: str, text: str, directory: Path) -> subprocess.Popen:
 
 def stop_peer(process: subprocess.Popen) -> None:
     """SIGTERM (both stop at once on it), then SIGKILL by PID for whatever is left, workers too."""
-    children = child_pids(process.pid)
+    children = proc_children(process.pid)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -227,7 +176,7 @@ def stop_peer(process: subprocess.Popen) -> None:
 
 def check_file(target: str, text: str, directory: Path) -> subprocess.CompletedProcess:
     """``nginx -t -p DIR -c FILE`` or ``haproxy -c -f FILE`` on the exported text."""
-    binary = find_peer(target)
+    binary = require_program(target)
     directory.mkdir(exist_ok=True)
     if target == "nginx":
         path = directory / "nginx.conf"
@@ -306,7 +255,7 @@ def config_cases(tmp: Path) -> dict:
 
 @pytest.mark.parametrize("target", PEERS)
 def test_peer_accepts_every_exported_config(target, tmp_path):
-    find_peer(target)
+    require_program(target)
     cases = config_cases(tmp_path)
     # What the comments ask of a user: HAProxy wants the key beside the certificate or in it.
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -374,7 +323,7 @@ def test_peer_balances_weighted_round_robin_with_a_backup(target, tmp_path):
     them (it has no active checks) and passes each one on to the backup; HAProxy needs its
     health checks to mark them down (every 0.2 s, fall 1), so the test polls until the backup
     answers and then requires it to answer every request."""
-    find_peer(target)
+    require_program(target)
     upstreams = [PortServer() for _ in range(4)]
     try:
         port, admin_port = free_ports(2)
@@ -426,7 +375,7 @@ def test_peer_balances_weighted_round_robin_with_a_backup(target, tmp_path):
 def test_peer_serves_https_to_verified_https_upstreams(target, tmp_path):
     """--tls-cert/--tls-key: the peer answers HTTPS; --redirect-http-port: 308 to it; an https://
     upstream named localhost is verified against --backend-ca (its certificate names localhost)."""
-    find_peer(target)
+    require_program(target)
     cert, key = make_certificate(tmp_path)
     shutil.copy(key, str(cert) + ".key")  # where HAProxy looks for the key of crt FILE
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
