@@ -122,6 +122,7 @@ SPARE_THREADS = 256
 SPARE_THREAD_SECONDS = 60.0
 MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # Linux: EPIPE instead of SIGPIPE, whoever embeds us
+SEND_NOW_FLAGS = int(MSG_DONTWAIT | MSG_NOSIGNAL)   # an int: "|" on the socket module's flags is an enum call
 TCP_INFO = getattr(socket, "TCP_INFO", 0)  # Linux: struct tcp_info, see is_reusable
 TCP_ESTABLISHED = 1
 LOG_SUMMARY_SECONDS = 5.0        # a failure that repeats is logged once, then summarised this often
@@ -1099,7 +1100,7 @@ def send_now(sock: socket.socket, data, keep_gil: bool = True) -> int:
     the send failed: the caller's blocking send of the rest reports the error. `keep_gil=False`
     lets other threads run during the system call (see FairGate.keep_gil). Plain sockets only."""
     if keep_gil and LIBC_SEND is not None and type(data) is bytes:
-        return max(LIBC_SEND(sock.fileno(), data, len(data), MSG_DONTWAIT | MSG_NOSIGNAL), 0)
+        return max(LIBC_SEND(sock.fileno(), data, len(data), SEND_NOW_FLAGS), 0)
     if not MSG_DONTWAIT:
         return 0
     try:
@@ -1116,6 +1117,7 @@ class Stream:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.fd = sock.fileno()
         self.timeout_now = 0.0
         self.reader = io.BufferedReader(SocketReader(self), READ_BUFFER)
         self._poller = None
@@ -1130,6 +1132,9 @@ class Stream:
             self.timeout_now = seconds
 
     def send_now(self, data, keep_gil: bool = True) -> int:
+        """Send what the kernel takes at once, never blocking (see send_now)."""
+        if keep_gil and LIBC_SEND is not None and type(data) is bytes:
+            return max(LIBC_SEND(self.fd, data, len(data), SEND_NOW_FLAGS), 0)
         return send_now(self.sock, data, keep_gil)
 
     def sendall(self, data) -> None:
@@ -1312,6 +1317,7 @@ class SocketReader(io.RawIOBase):
 
     def __init__(self, stream: Stream):
         self.stream = stream
+        self.recv_into = stream.sock.recv_into  # bound once: one call less per read
         self.received = 0
         self.watch = None  # called before each read, see ProxyHandler.wait_for_body
 
@@ -1322,7 +1328,7 @@ class SocketReader(io.RawIOBase):
         if self.watch is not None:
             self.watch(self.stream)
         try:
-            n = self.stream.recv_into(buffer)
+            n = self.recv_into(buffer)
         except (BlockingIOError, ssl.SSLWantReadError):
             raise socket.timeout("timed out") from None
         self.received += n
@@ -1584,9 +1590,10 @@ class SharedState:
         with self.lock:
             base = slot * STATE_INTS
             self.states[base + S_CONSECUTIVE_FAILURES] = 0
-            if self.states[base + S_EJECTED_UNTIL] <= monotonic_us():
+            until = self.states[base + S_EJECTED_UNTIL]
+            self.states[base + S_EJECTED_UNTIL] = 0  # an ejection that ran out is cleared too
+            if until <= monotonic_us():
                 return False
-            self.states[base + S_EJECTED_UNTIL] = 0
             self._set_reason(slot, "back in rotation: a request to it succeeded")
             self.header[H_GENERATION] += 1
         return True
@@ -1678,9 +1685,6 @@ class WorkerStats:
                 counters[P_IN_FLIGHT] -= 1
             counters[P_RECEIVED] += received
             counters[P_SENT] += sent
-
-    def set_idle(self, slot: int, count: int) -> None:
-        self.counters[PROCESS_INTS + slot * UPSTREAM_INTS + U_IDLE] = count  # a gauge: last write wins
 
     def clear_gauges(self) -> None:
         """For a worker that died: what it had open is gone; what it counted stays."""
@@ -2151,6 +2155,9 @@ class ConnectionPool:
         self.backend, self.config = backend, config
         self._idle: collections.deque = collections.deque()
         self.closed = False
+        stats = backend.stats
+        self.gauge = stats.counters if stats is not None else None
+        self.gauge_index = PROCESS_INTS + backend.slot * UPSTREAM_INTS + U_IDLE
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -2180,15 +2187,18 @@ class ConnectionPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        if not self.closed and len(self._idle) < self.config.pool_size:
-            self._idle.append(conn)
-            self.count()
+        idle = self._idle
+        if not self.closed and len(idle) < self.config.pool_size:
+            idle.append(conn)
+            if self.gauge is not None:
+                self.gauge[self.gauge_index] = len(idle)
         else:
             conn.close()
 
     def count(self) -> None:
-        if self.backend.stats is not None:
-            self.backend.stats.set_idle(self.backend.slot, len(self._idle))
+        """The idle-connections gauge of this worker's counter block (a plain store: last wins)."""
+        if self.gauge is not None:
+            self.gauge[self.gauge_index] = len(self._idle)
 
     def close_idle(self) -> None:
         while self._idle:
@@ -2277,6 +2287,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"   # keep-alive; http.server speaks HTTP/1.0 by default
     server_version = f"load_balancer/{__version__}"
+    sys_version = ""                # no "Python/3.x" in a Server field
     server: ProxyServer
 
     def setup(self) -> None:
@@ -2292,10 +2303,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.idle_since = time.monotonic()
         self.linger = False           # close gently: the client may still be sending
         self.requests_seen = 0
+        self.received_before = 0      # bytes read from the client before this request
         self.gated = False            # holds a place in the server's FairGate
         self.started = time.monotonic()
         self.command = self.path = self.request_version = ""
         self.stream: Stream | None = None
+        self.tunnel_peer: Stream | None = None
         self.server.track(self, True)
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2332,7 +2345,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.busy = True
         self.requests_seen += 1
         self.started = time.monotonic()
-        self.received_before = self.rfile.raw.received - unread(self.rfile)
         self.sent = 0
         self.attempted = False
         self.in_flight_slot = None
@@ -2368,11 +2380,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.gated:
                 self.gated = False
                 self.server.gate.leave(request_done=True)
-            received = self.rfile.raw.received - unread(self.rfile) - self.received_before
+            # Bytes read from the socket since the last request ended: a pipelined next request
+            # that came in the same read is counted with this one.
+            received = self.rfile.raw.received - self.received_before
+            self.received_before += received
             self.stats.finish(self.in_flight_slot, self.attempted, received, self.sent)
-            with self.server.lock:
-                self.busy = False
-                self.idle_since = time.monotonic()
+            self.idle_since = time.monotonic()
+            self.busy = False  # no lock: at worst make_room() passes over a connection just idle
             if self.server.draining:
                 self.close_connection = True
                 self.server.wake_drainer()
@@ -2399,18 +2413,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 break
             self.stats.attempt(backend.slot, first=not tried)
             self.attempted = True
+            self.in_flight_slot = backend.slot  # finish() ends it, whatever happens from here
             tried.append(backend)
             try:
                 conn, response, early = self.exchange(backend, request, body)
             except UpstreamError as error:
-                retry = self.may_retry(request, error, body)
+                self.in_flight_slot = None
+                retry = self.may_retry(request, error)
                 self.stats.failed(backend.slot, error.kind, retry)
                 self.upstream_failed(backend, error)
                 failure = error
                 if retry:
                     continue
                 break
-            self.in_flight_slot = backend.slot
             shared = self.server.shared
             if shared.get(backend.slot, S_CONSECUTIVE_FAILURES) or shared.get(backend.slot, S_EJECTED_UNTIL):
                 shared.record_success(backend.slot)
@@ -2418,6 +2433,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         unread_body = request.framing != NO_BODY and body is None
         if failure is None:
+            self.server.unavailable.count()
             self.reject(503, "no upstream is available", close=unread_body,
                         extra=b"Retry-After: %d\r\n" % balancer.retry_after())
         else:
@@ -2432,7 +2448,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             log.warning("upstream %s out of rotation for %gs: %d failed requests in a row, last: %s",
                         backend.label, self.config.fail_timeout, self.config.max_fails, error.detail)
 
-    def may_retry(self, request: Request, error: UpstreamError, body: bytes | None) -> bool:
+    def may_retry(self, request: Request, error: UpstreamError) -> bool:
         """HAProxy's retry-on, kept safe. A connect that failed (conn-failure) left nothing behind:
         the request can go to the next upstream. An upstream that closed without answering
         (empty-response) or did not answer in time (response-timeout) may have acted on the
@@ -2472,8 +2488,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if early_head is None and not unread(conn.stream.reader):
                     self.outside_gate(conn.stream.reader.peek, 1)  # the upstream's think time
                 response = conn.response_class(conn, request.method)
-                self.outside_gate(response.begin, self.relay_interim if expect else None,
-                                  request.upgrade, early_head)
+                response.begin(self.relay_interim if expect else None, request.upgrade, early_head)
                 return conn, response, early_head is not None
             except (OSError, EOFError, HTTPError) as error:
                 conn.close()
@@ -2544,8 +2559,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return head
             raise error.__cause__ from None
         except ReadError as error:
-            if isinstance(error.__cause__, EarlyResponse):
-                return error.__cause__.args[0]
             cause = error.__cause__
             if isinstance(cause, HTTPError):
                 self.reject(cause.status, cause.detail)
@@ -2697,8 +2710,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.gated:
             self.gated = False
             self.server.gate.leave(request_done=True)
-        Tunnel(self.stream, conn.stream, self.config.tunnel_timeout, self.stats).run()
-        conn.close()
+        self.tunnel_peer = conn.stream  # for drain(): a cut ends both sides
+        try:
+            Tunnel(self.stream, conn.stream, self.config.tunnel_timeout, self.stats).run()
+        finally:
+            self.tunnel_peer = None
+            conn.close()
 
     def outside_gate(self, call, *args, **kwargs):
         """Make a call that may block without holding a place in the gate, then queue again."""
@@ -2734,8 +2751,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
             self.linger = True
-        log.log(logging.WARNING if status >= 500 else logging.DEBUG, "%s %s from %s answered %d: %s",
-                self.command or "-", self.path or "-", self.client_address[0], status, detail)
+        # An upstream's failures are logged by its FailureLog, and a 503 by a rate-limited line:
+        # under an outage, one line per request would bury everything else.
+        log.debug("%s %s from %s answered %d: %s", self.command or "-", self.path or "-",
+                  self.client_address[0], status, detail)
         self.stats.response(0, self.command.encode("latin-1", "replace"), status,
                             time.monotonic() - self.started)
         try:
@@ -2778,7 +2797,7 @@ def format_access_line(style: str, handler: ProxyHandler, status, backend: Backe
             "upstream_address": f"{backend.host}:{backend.port}" if backend else None,
             "upstream_status": status if backend else None,
             "duration_ms": round(duration * 1000, 3), "bytes_sent": handler.sent,
-            "bytes_received": handler.rfile.raw.received - unread(handler.rfile) - handler.received_before,
+            "bytes_received": handler.rfile.raw.received - handler.received_before,
             "user_agent": headers.get("User-Agent") if headers else None,
             "referer": headers.get("Referer") if headers else None}, separators=(",", ":"))
     when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
@@ -2930,6 +2949,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.handoff: queue.SimpleQueue = queue.SimpleQueue()
         self.refusals = RateLimitedLog(f"connections refused: all {config.max_connections} "
                                        "connections are busy (--max-connections)")
+        self.unavailable = RateLimitedLog("requests answered 503: no upstream is available")
         self.tls: ssl.SSLContext | None = None
         self.tls_generation = shared.header[H_TLS_GENERATION]
         if config.tls_cert:
@@ -3100,6 +3120,9 @@ class ProxyServer(ThreadingHTTPServer):
             cut = sum(1 for h in self.handlers if h.busy)
             for handler in self.handlers:
                 shutdown_socket(handler.connection, socket.SHUT_RDWR)
+                peer = handler.tunnel_peer
+                if peer is not None:
+                    peer.shutdown(socket.SHUT_RDWR)
         if cut:
             log.warning("drain timeout: %d request(s) or tunnel(s) in flight were cut off", cut)
         self.closer.stop()
@@ -3220,6 +3243,7 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"load_balancer/{__version__}"
+    sys_version = ""
     timeout = 30
     server: AdminServer
     ACTIONS = ("drain", "maint", "ready")
@@ -3362,6 +3386,7 @@ class RedirectHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"load_balancer/{__version__}"
+    sys_version = ""
     timeout = 10
 
     def handle_one_request(self) -> None:
