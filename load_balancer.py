@@ -126,6 +126,8 @@ SEND_NOW_FLAGS = int(MSG_DONTWAIT | MSG_NOSIGNAL)   # an int: "|" on the socket 
 TCP_INFO = getattr(socket, "TCP_INFO", 0)  # Linux: struct tcp_info, see is_reusable
 TCP_ESTABLISHED = 1
 LOG_SUMMARY_SECONDS = 5.0        # a failure that repeats is logged once, then summarised this often
+LINGER_SECONDS = 30.0            # see linger_close: nginx's lingering_time and lingering_timeout
+LINGER_IDLE_SECONDS = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
 
 
@@ -2297,6 +2299,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.connection = self.request
         self.config = self.server.config
         self.stats = self.server.stats
+        # The setting, and the logger's level (which an embedding program may set): once here.
+        self.logging_access = self.config.access_log and access_log.isEnabledFor(logging.INFO)
         self.client_ip = self.client_address[0].encode("ascii")
         self.busy = False             # between the first byte of a request and the end of its answer
         self.evicted = False          # closed to make room for a new connection (see ProxyServer)
@@ -2346,8 +2350,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.requests_seen += 1
         self.started = time.monotonic()
         self.sent = 0
+        self.head_sent = 0
         self.attempted = False
         self.in_flight_slot = None
+        head = None
         try:
             try:
                 head = read_head(self.rfile, config.max_request_line + config.max_header_size + 4,
@@ -2359,7 +2365,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.gated = True
                 request = parse_request_head(head, config)
             except HTTPError as error:
-                self.name_request(error.head)
+                # read_head's errors carry what was read; parse_request_head's have the whole head
+                self.name_request(error.head if error.head is not None else head)
                 self.reject(error.status, error.detail)
                 return
             self.stream.set_timeout(config.idle_timeout)
@@ -2646,6 +2653,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 keep_alive = False  # an HTTP/1.0 client reads such a body until the close
         out = headers_for_client(head, chunked=chunked, keep_alive=keep_alive,
                                  http10=request.version == b"HTTP/1.0")
+        self.head_sent = len(out)
         self.stats.response(backend.slot, request.method, head.status, time.monotonic() - self.started)
         done = False
         try:
@@ -2676,7 +2684,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         if early:
             self.linger = True  # the client may still be sending the body nobody reads
-        if access_log.isEnabledFor(logging.INFO):
+        if self.logging_access:
             self.log_request(head.status, backend)
 
     def relay_body(self, conn: UpstreamConnection, head: ResponseHead, out: bytes, chunked: bool) -> None:
@@ -2698,6 +2706,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         of the fair gate, until either side closes or it idles past --tunnel-timeout."""
         out = headers_for_client(response.head, chunked=False, keep_alive=True, http10=False,
                                  upgrade=request.upgrade)
+        self.head_sent = len(out)
         self.stats.response(backend.slot, request.method, 101, time.monotonic() - self.started)
         self.close_connection = True
         try:
@@ -2705,7 +2714,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ClientError:
             conn.close()
             return
-        if access_log.isEnabledFor(logging.INFO):
+        if self.logging_access:
             self.log_request(101, backend)
         if self.gated:
             self.gated = False
@@ -2757,13 +2766,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                   self.client_address[0], status, detail)
         self.stats.response(0, self.command.encode("latin-1", "replace"), status,
                             time.monotonic() - self.started)
+        answer = error_response(status, detail, close=close, extra=extra, head_only=self.command == "HEAD")
+        self.head_sent = answer.index(b"\r\n\r\n") + 4
         try:
-            self.client_write(error_response(status, detail, close=close, extra=extra,
-                                             head_only=self.command == "HEAD"))
+            self.client_write(answer)
         except ClientError:
             self.close_connection = True
             self.linger = False
-        if access_log.isEnabledFor(logging.INFO):
+        if self.logging_access:
             self.log_request(status, None)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -2801,7 +2811,8 @@ def format_access_line(style: str, handler: ProxyHandler, status, backend: Backe
             "user_agent": headers.get("User-Agent") if headers else None,
             "referer": headers.get("Referer") if headers else None}, separators=(",", ":"))
     when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-    line = f'{client} - - [{when}] "{request_line}" {status} {handler.sent}'
+    body = handler.sent - handler.head_sent  # Apache's %b, nginx's $body_bytes_sent: no head
+    line = f'{client} - - [{when}] "{request_line}" {status} {body if body > 0 else "-"}'
     if style == "combined":
         referer = (headers.get("Referer") if headers else None) or "-"
         agent = (headers.get("User-Agent") if headers else None) or "-"
@@ -2809,24 +2820,23 @@ def format_access_line(style: str, handler: ProxyHandler, status, backend: Backe
     return line
 
 
-def linger_close(stream: Stream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+def linger_close(stream: Stream, seconds: float = LINGER_SECONDS, idle: float = LINGER_IDLE_SECONDS) -> None:
     """Close after a response sent before the request was read whole: stop writing, then read and
-    drop what the client still sends for a moment, so the close does not turn into a reset that
-    destroys the response in flight (nginx's lingering_close)."""
+    drop what the client still sends, up to `seconds` in all and while it sends something every
+    `idle` seconds (nginx's lingering_close, lingering_time 30s and lingering_timeout 5s). A
+    client uploading a large body it was refused (an early 413) can then finish its send and read
+    the answer; a close while it still sends would be a reset, and the answer lost with it."""
     try:
         stream.shutdown_write()
         deadline = time.monotonic() + seconds
-        drained = 0
-        buffer = bytearray(65536)
-        while drained < limit:
+        buffer = bytearray(READ_BUFFER)
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            stream.set_timeout(min(remaining, 0.5))
-            n = stream.reader.readinto(buffer)
-            if not n:
+            stream.set_timeout(min(remaining, idle))
+            if not stream.reader.readinto(buffer):
                 break
-            drained += n
     except (OSError, ValueError):
         pass
 
@@ -4555,7 +4565,10 @@ class LoadBalancer:
         self.shared = SharedState.create(1)
         self.worker = Worker(config, self.shared, 0, listener)
         try:
-            self.control = Control(config, self.shared, https_port=self.worker.port)
+            # The port listened on (config.port may be 0, or a handed-over listener's): /status
+            # and the dashboard name it, as the supervisor's do.
+            self.control = Control(replace(config, port=self.worker.port), self.shared,
+                                   https_port=self.worker.port)
         except BaseException:
             self.worker.server.server_close()
             raise
@@ -5943,6 +5956,7 @@ def main(argv: list[str] | None = None) -> int:
         options["backends"] = tuple(options["backends"])
     try:
         config = Config(**options)
+        check_tls_files(config)
     except ValueError as error:
         parser.error(str(error))
     if export:
@@ -5961,6 +5975,18 @@ def main(argv: list[str] | None = None) -> int:
     except ListenError as error:
         sys.stderr.write(f"load_balancer: error: {error.strerror}\n")
         return 1
+
+
+def check_tls_files(config: Config) -> None:
+    """Load the certificate, key and CA files once before starting, so that a wrong one is one
+    line and exit 2 rather than a failure in every worker (ValueError)."""
+    for flag, load in (("--tls-cert/--tls-key", lambda: config.tls_cert and server_tls_context(
+            config.tls_cert, config.tls_key)), ("--backend-ca", lambda: config.backend_ca and
+                                                client_tls_context(config.backend_ca))):
+        try:
+            load()
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"cannot load {flag}: {describe_os_error(error)}") from None
 
 
 def announce(config: Config, port: int, admin_port: int | None) -> None:
