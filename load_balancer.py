@@ -1409,6 +1409,7 @@ STATE_INTS = 12
 REASON_BYTES = 240
 HEALTH_STATES = ("unchecked", "up", "down")
 ADMIN_STATES = ("ready", "drain", "maint")
+MAINT = ADMIN_STATES.index("maint")
 # Each worker's block: its process, then one record per upstream slot.
 (P_PID, P_CONNECTIONS, P_IN_FLIGHT, P_RESPONSES, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP,
  P_TUNNEL_BYTES_DOWN, P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(12)
@@ -1816,6 +1817,12 @@ class RoundRobin:
         self._rotation = Rotation(-1, (), (), 0, False)
         self.refresh()
 
+    def follow(self) -> None:
+        """Take a change of the shared state now rather than at the next pick: an admin action's
+        effect on idle connections should not wait for traffic (who calls: service_actions)."""
+        if self._rotation.generation != self.shared.header[H_GENERATION]:
+            self.refresh()
+
     def pick(self, exclude=()) -> Backend | None:
         rotation = self._rotation
         if rotation.generation != self.shared.header[H_GENERATION] or (
@@ -1869,6 +1876,9 @@ class RoundRobin:
                     "panic mode %s: %s", "on" if panic else "off",
                     "every upstream is out after failed requests; trying them anyway" if panic
                     else "an upstream is available again")
+            for slot, backend in self.backends.items():
+                if states[slot] == "maint":
+                    backend.pool.close_idle()  # maint: out at once, idle connections closed
             review_at = min((shared.get(b.slot, S_EJECTED_UNTIL) for b in ejected), default=0)
             self._rotation = Rotation(generation, primary, backup, review_at, panic)
             return self._rotation
@@ -2190,7 +2200,9 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         idle = self._idle
-        if not self.closed and len(idle) < self.config.pool_size:
+        backend = self.backend  # an upstream in maint keeps no idle connection
+        if not self.closed and len(idle) < self.config.pool_size and \
+                backend.shared.get(backend.slot, S_ADMIN) != MAINT:
             idle.append(conn)
             if self.gauge is not None:
                 self.gauge[self.gauge_index] = len(idle)
@@ -2465,7 +2477,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         conditions = self.config.retry_conditions
         if error.kind in ("connect", "tls"):
             return "conn-failure" in conditions
-        if not replayable(request):
+        if not replayable(request) or request.upgrade:  # an upgrade is never sent twice
             return False
         if error.kind == "closed":
             return "empty-response" in conditions
@@ -2953,6 +2965,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
         self.drain_deadline = 0.0
+        self.cut_off = False          # cut() was called: a drain that begins later ends at once
         self.closer = LingeringCloser()
         self.gate = FairGate()
         self.spare_threads = 0        # connection threads waiting in handoff for a connection
@@ -2989,7 +3002,9 @@ class ProxyServer(ThreadingHTTPServer):
     def service_actions(self) -> None:
         """serve_forever() accepts one connection per wake-up of its poll(); under a burst of
         connects, take the rest of the backlog now instead of one poll() each (at most one
-        backlog's worth, so that a connect flood cannot keep shutdown() waiting)."""
+        backlog's worth, so that a connect flood cannot keep shutdown() waiting). Also takes a
+        change of the shared state (an admin action, a reload) within a poll interval."""
+        self.balancer.follow()
         for _ in range(self.request_queue_size):
             try:
                 request, client_address = self.socket.accept()
@@ -3114,7 +3129,7 @@ class ProxyServer(ThreadingHTTPServer):
         """Let requests in flight (and tunnels) finish, up to `timeout` seconds or until cut();
         close idle connections now."""
         with self.lock:
-            self.drain_deadline = time.monotonic() + timeout
+            self.drain_deadline = 0.0 if self.cut_off else time.monotonic() + timeout
             self.draining = True
             for _ in range(self.spare_threads):  # each spare thread takes one and leaves
                 self.handoff.put((None, None))
@@ -3140,6 +3155,7 @@ class ProxyServer(ThreadingHTTPServer):
     def cut(self) -> None:
         """End a drain now: what is still in flight is cut off."""
         with self.lock:
+            self.cut_off = True
             self.drain_deadline = 0.0
             self.drained.notify_all()
 
@@ -4088,13 +4104,13 @@ def render_dashboard(status: dict) -> str:
 class ListenError(OSError):
     """A listening socket could not be opened; says which address and why, in one line."""
 
-    def __init__(self, host: str, port: int, error: OSError | str):
+    def __init__(self, host: str, port: int, error: OSError | str, *, where: str | None = None):
         if isinstance(error, str):
             reason, number = error, errno.EADDRINUSE
         else:
             number = error.errno
             reason = "address already in use" if error.errno == errno.EADDRINUSE else describe_os_error(error)
-        super().__init__(number, f"cannot listen on {host}:{port}: {reason}")
+        super().__init__(number, f"cannot listen on {where or f'{host}:{port}'}: {reason}")
 
 
 def listen(host: str, port: int, make):
@@ -4725,8 +4741,8 @@ def instance_lock(port: int) -> object:
         file.seek(0)
         holder = file.read().strip() or "?"
         file.close()
-        raise ListenError("port", port, f"another load_balancer (pid {holder}) is serving it "
-                                        f"(lock {path})") from None
+        raise ListenError("", port, f"another load_balancer (pid {holder}) is serving it "
+                                    f"(lock {path})", where=f"port {port}") from None
     file.seek(0)
     file.truncate()
     file.write(str(os.getpid()))

@@ -1109,6 +1109,9 @@ class FakeSocket:
     def __init__(self, *segments: bytes):
         self.segments = list(segments)
 
+    def fileno(self) -> int:
+        return -1
+
     def recv_into(self, buffer):
         if not self.segments:
             return 0
