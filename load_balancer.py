@@ -1297,7 +1297,21 @@ class TLSStream(Stream):
             self.sock.settimeout(saved)
 
     def shutdown_write(self) -> None:
-        self.write_closed = True  # TLS cannot half-close without close_notify, which ends reading too
+        """Pass an end of stream on as TLS does: a close_notify alert (SSL_shutdown), sent without
+        waiting for the peer's; reading goes on until the peer's own close_notify (or end)."""
+        if self.write_closed:
+            return
+        self.write_closed = True
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            self.sock.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # ours is sent; the peer's close_notify is read later as the end of its stream
+        except (OSError, ValueError):
+            pass  # the connection is gone already: whoever reads next sees that
+        finally:
+            self.sock.settimeout(timeout)
 
     def read_nonblocking(self, buffer) -> int | None:
         try:
@@ -1399,9 +1413,10 @@ EXPORTED_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ERROR_KINDS = ("connect", "tls", "timeout", "closed", "invalid", "body")
 
 # The header: generations that tell every process to look again.
-H_GENERATION, H_TLS_GENERATION, H_RESOLVE_GENERATION, H_CONFIG_LENGTH = range(4)
+H_GENERATION, H_TLS_GENERATION, H_RESOLVE_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH = range(5)
 HEADER_INTS = 8
 CONFIG_BYTES = 64 * 1024
+TLS_BYTES = 64 * 1024  # the certificate chain and key a reload checked, for every worker to load
 # Each upstream slot's state.
 (S_IN_USE, S_HEALTH, S_ADMIN, S_EJECTED_UNTIL, S_EJECTED_UNTIL_WALL, S_CONSECUTIVE_FAILURES,
  S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH) = range(11)
@@ -1480,12 +1495,13 @@ class SharedState:
         self.states = take((MAX_UPSTREAMS + 1) * STATE_INTS * 8)
         self.reasons = take((MAX_UPSTREAMS + 1) * REASON_BYTES, ints=False)
         self.config_area = take(CONFIG_BYTES, ints=False)
+        self.tls_area = take(TLS_BYTES, ints=False)
         self.workers = [take(WORKER_INTS * 8) for _ in range(workers)]
 
     @staticmethod
     def size(workers: int) -> int:
         return 8 * (HEADER_INTS + (MAX_UPSTREAMS + 1) * STATE_INTS + workers * WORKER_INTS) + (
-            (MAX_UPSTREAMS + 1) * REASON_BYTES + CONFIG_BYTES)
+            (MAX_UPSTREAMS + 1) * REASON_BYTES + CONFIG_BYTES + TLS_BYTES)
 
     @classmethod
     def create(cls, workers: int = 1, *, processes: bool = False) -> SharedState:
@@ -1529,6 +1545,21 @@ class SharedState:
     def bump(self, generation: int) -> None:
         with self.lock:
             self.header[generation] += 1
+
+    def publish_tls(self, pem: bytes) -> None:
+        """Make `pem` (certificate chain and key, as the owner checked it) what every worker's
+        next connection uses."""
+        if len(pem) > TLS_BYTES:
+            raise ValueError(f"the certificate chain and key take more than {TLS_BYTES} bytes")
+        with self.lock:
+            self.tls_area[:len(pem)] = pem
+            self.header[H_TLS_LENGTH] = len(pem)
+            self.header[H_TLS_GENERATION] += 1
+
+    def tls_pem(self) -> tuple[int, bytes]:
+        """(generation, the last published chain and key); b"" before the first reload."""
+        with self.lock:
+            return self.header[H_TLS_GENERATION], bytes(self.tls_area[:self.header[H_TLS_LENGTH]])
 
     # -- one upstream's state --------------------------------------------------------------------
 
@@ -1754,6 +1785,14 @@ class FailureLog:
                 self.timer = threading.Timer(max(self.quiet_until - now, 0.0), self.summarise)
                 self.timer.daemon = True
                 self.timer.start()
+
+    def flush(self) -> None:
+        """Write the pending summary now (who calls: Worker.close, so that no line comes later)."""
+        with self.lock:
+            timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.summarise()
 
     def summarise(self) -> None:
         with self.lock:
@@ -2974,9 +3013,9 @@ class ProxyServer(ThreadingHTTPServer):
                                        "connections are busy (--max-connections)")
         self.unavailable = RateLimitedLog("requests answered 503: no upstream is available")
         self.tls: ssl.SSLContext | None = None
-        self.tls_generation = shared.header[H_TLS_GENERATION]
-        if config.tls_cert:
-            self.tls = server_tls_context(config.tls_cert, config.tls_key)
+        self.tls_generation, pem = shared.tls_pem()
+        if config.tls_cert:  # a worker started again after a reload loads what that reload checked
+            self.tls = server_tls_context(config.tls_cert, config.tls_key, pem or None)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         if listener is None:
@@ -3097,10 +3136,11 @@ class ProxyServer(ThreadingHTTPServer):
         return TLSStream(tls_sock)
 
     def reload_certificate(self) -> None:
-        """Load a renewed certificate for new connections; a bad one leaves the old in use."""
-        generation = self.shared.header[H_TLS_GENERATION]
+        """Load the renewed certificate for new connections: the bytes the reload checked and
+        published (Control.reload), not the file as it is now, which may have changed since."""
+        generation, pem = self.shared.tls_pem()
         try:
-            self.tls = server_tls_context(self.config.tls_cert, self.config.tls_key)
+            self.tls = server_tls_context(self.config.tls_cert, self.config.tls_key, pem)
         except (OSError, ssl.SSLError) as error:
             log.error("kept the previous certificate: cannot load %s: %s", self.config.tls_cert,
                       describe_os_error(error))
@@ -3167,13 +3207,32 @@ def shutdown_socket(sock: socket.socket, how: int) -> None:
         pass
 
 
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """The listener's TLS: TLS 1.2 and 1.3 with the ssl module's secure defaults, ALPN http/1.1."""
+def server_tls_context(cert: str, key: str, pem: bytes | None = None) -> ssl.SSLContext:
+    """The listener's TLS: TLS 1.2 and 1.3 with the ssl module's secure defaults, ALPN http/1.1.
+    From the files, or from `pem` (chain and key) as read_certificate() returned it."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
+    if pem is None:
+        context.load_cert_chain(cert, key)
+    else:  # OpenSSL loads from files only: a private one (mode 0600) in memory, removed at once
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(prefix="load_balancer-tls-", dir=directory) as file:
+            file.write(pem)
+            file.flush()
+            context.load_cert_chain(file.name)
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+def read_certificate(cert: str, key: str) -> bytes:
+    """The chain and key files' bytes as one PEM, loaded once to check them (OSError, SSLError)."""
+    with open(cert, "rb") as file:
+        pem = file.read()
+    if key != cert:
+        with open(key, "rb") as file:
+            pem += b"\n" + file.read()
+    server_tls_context(cert, key, pem)
+    return pem
 
 
 class RateLimitedLog:
@@ -4200,12 +4259,11 @@ class Control:
                          ", ".join(removed) or "none", ", ".join(changed) or "none")
         if config.tls_cert:
             try:
-                server_tls_context(config.tls_cert, config.tls_key)
-            except (OSError, ssl.SSLError) as error:
+                self.shared.publish_tls(read_certificate(config.tls_cert, config.tls_key))
+            except (OSError, ssl.SSLError, ValueError) as error:
                 log.error("SIGHUP: kept the previous certificate: cannot load %s: %s", config.tls_cert,
                           describe_os_error(error))
             else:
-                self.shared.bump(H_TLS_GENERATION)
                 log.info("SIGHUP: certificate %s loaded for new connections", config.tls_cert)
 
     def set_state(self, name: str, action: str) -> dict | None:
@@ -4566,6 +4624,7 @@ class Worker:
         self.server.drain(drain_timeout)
         for backend in self.balancer.backends.values():
             backend.pool.close()
+            backend.failures.flush()
 
     def cut(self) -> None:
         self.server.cut()
