@@ -81,7 +81,7 @@ try:
 except ImportError:  # not POSIX: one worker, no instance lock
     fcntl = None
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 
 #: The upstream servers, in rotation order. Edit this list, or pass ``--backend URL`` (repeatable).
 SERVER_URLS = [

@@ -531,9 +531,10 @@ class CliProcess:
             return found[0] if found else None
 
     def wait_ready(self, timeout: float = 10.0) -> "CliProcess":
-        line = self.wait_for_line("listening on http://", timeout)
+        """Wait for the start-up line (http:// or https://) and take the ports from it."""
+        line = self.wait_for_line("listening on http", timeout)
         assert line, f"no start-up line; stderr so far: {self.lines}"
-        self.port = int(line.split("listening on http://", 1)[1].split()[0].rstrip(",").rsplit(":", 1)[1].rstrip("/"))
+        self.port = int(line.split("listening on http", 1)[1].split("://", 1)[1].split()[0].rsplit(":", 1)[1])
         if any(a == "--admin-port" for a in self.proc.args):
             admin = self.wait_for_line("admin on http://", timeout)
             assert admin, f"no admin line; stderr so far: {self.lines}"
