@@ -2,7 +2,8 @@
 #   make demo     three example upstreams (8001-8003) + the balancer on 8080, admin on 8081;
 #                 Ctrl-C stops everything. Ports: DEMO_LB_PORT, DEMO_ADMIN_PORT, DEMO_UPSTREAM_PORTS.
 #   make test     test suite in a local virtualenv (.venv, from requirements-dev.txt)
-#   make bench    benchmark; extra arguments in BENCH_ARGS="..."
+#   make bench    benchmark (GET, 8 MiB, idle, admin, WebSocket, HTTPS series; python3 bench/bench.py
+#                 --help); extra arguments in BENCH_ARGS="...", e.g. BENCH_ARGS="--baseline OLD_LB.py"
 #   make clean    remove the virtualenv and caches
 
 PYTHON ?= python3

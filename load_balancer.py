@@ -3,26 +3,33 @@
 
 Run it::
 
-    python load_balancer.py                      # port 8080, over SERVER_URLS below
-    python load_balancer.py --backend http://10.0.0.5:8000 --backend http://10.0.0.6:8000
-    python load_balancer.py --workers auto --admin-port 8081
-    python load_balancer.py --help               # every option with its default
+    python3 load_balancer.py                     # port 8080, over SERVER_URLS below
+    python3 load_balancer.py --backend http://10.0.0.5:8000,weight=3 --backend http://10.0.0.6:8000
+    python3 load_balancer.py --backends-file backends.txt --workers auto --admin-port 8081
+    python3 load_balancer.py --help              # every option with its default
 
 What happens to a request, in order:
 
 * A ``ThreadingHTTPServer`` accepts the connection (one thread each, at most
-  ``--max-connections``; a finished connection's thread waits as a spare for the next one) and
-  keeps it alive between requests (HTTP/1.1, HTTP/1.0 keep-alive).
+  ``--max-connections``; a finished connection's thread waits as a spare for the next one), does
+  the TLS handshake on that thread if the listener speaks HTTPS, and keeps the connection alive
+  between requests (HTTP/1.1, HTTP/1.0 keep-alive).
 * The request head is read against a deadline and checked strictly (RFC 9112): anything that two
   HTTP implementations could frame differently is refused with a 4xx before a byte of it reaches
   an upstream.
-* ``RoundRobin`` picks the next upstream (one ``itertools.count``, O(1)), skipping the ones that
-  active health checks or recent failures took out of rotation.
+* ``RoundRobin`` picks the next upstream (one ``itertools.count`` over a precomputed smooth
+  weighted cycle, O(1), no lock), skipping the ones that health checks, failed requests or an
+  operator took out of rotation; backups only when no primary can answer.
 * The request goes out on a pooled keep-alive ``http.client`` connection, its body streamed in
-  bounded pieces; hop-by-hop headers are removed and ``X-Forwarded-*`` added. The response comes
-  back the same way, bytes passed on as they arrive.
+  bounded pieces while the upstream is watched for an early answer; hop-by-hop headers are removed
+  and ``X-Forwarded-*`` added. The response comes back the same way, bytes passed on as they
+  arrive; after a ``101`` the connection becomes a tunnel (WebSocket).
 * When no upstream can answer, the client gets 502, 503 or 504 with a one-line reason. A request
   is tried on the next upstream only while that is safe (see ``ProxyHandler.may_retry``).
+
+With ``--workers N`` a supervisor owns what there is one of (health checks, the admin listener,
+reloads) and N worker processes serve; they share one block of memory for the backend set, the
+upstreams' state and the counters (see "Shared state").
 
 Embed it::
 
@@ -2381,6 +2388,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.track(self, False)
         if self.linger and self.stream is not None:
             linger_close(self.stream)
+        if self.stream is not None and self.stream.tls:
+            # socketserver closes the socket it accepted, which wrapping in TLS detached: the
+            # TLS socket is closed here (after a close_notify), or it would wait for the GC.
+            self.stream.shutdown_write()
+            self.stream.close()
 
     # -- one request ----------------------------------------------------------------------------
 
@@ -2603,6 +2615,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         to be relayed; a 100 Continue is passed to the client, who may be waiting for it."""
         self.send(conn.stream, head)
         self.upstream = conn
+        self.body_poller = None
         self.rfile.raw.watch = self.wait_for_body
         buffer = copy_buffers.get()
         try:
@@ -2656,35 +2669,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.client_write(CONTINUE)
 
     def wait_for_body(self, client: Stream) -> None:
-        """Before each read of the request body: wait for the client's next bytes, or raise
-        EarlyResponse if the upstream answers first (who called: SocketReader.readinto)."""
-        upstream = self.upstream.stream
+        """Before each read of the request body from the socket: wait for the client's next
+        bytes, or raise EarlyResponse if the upstream answers first (who calls:
+        SocketReader.readinto). One poll() of both sockets a read."""
         if client.pending():
             return
+        upstream = self.upstream
+        poller = self.body_poller
+        if poller is None:
+            poller = self.body_poller = select.poll()
+            poller.register(client.fileno(), select.POLLIN)
+            poller.register(upstream.stream.fileno(), select.POLLIN)
+            if upstream.stream.pending() or unread(upstream.stream.reader):
+                head = self.early_answer(upstream)
+                if head is not None:
+                    raise EarlyResponse(head)
         deadline = time.monotonic() + self.config.idle_timeout
-        poller = select.poll()
-        poller.register(client.fileno(), select.POLLIN)
-        poller.register(upstream.fileno(), select.POLLIN)
         while True:
-            head = self.early_answer(self.upstream)
-            if head is not None:
-                raise EarlyResponse(head)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("timed out")
-            events = dict(poller.poll(remaining * 1000))
-            if client.fileno() in events:
-                return
+            events = dict(poller.poll(max(remaining, 0) * 1000))
             if not events:
                 raise socket.timeout("timed out")
+            if upstream.stream.fileno() in events:
+                head = self.early_answer(upstream)
+                if head is not None:
+                    raise EarlyResponse(head)
+                # Readable without an answer: its end (the write that follows reports it) or TLS
+                # records of its own. Either way, nothing more to watch for there.
+                poller.unregister(upstream.stream.fileno())
+            if client.fileno() in events:
+                return
 
     def write_upstream(self, data) -> None:
         """One piece of the request body to the upstream (copy_body's write), never blocked by an
-        upstream that stopped reading because it has answered."""
+        upstream that stopped reading because it has answered (see Stream.write_watching)."""
         conn = self.upstream
-        head = self.early_answer(conn)
-        if head is not None:
-            raise EarlyResponse(head)
         conn.stream.write_watching(data, lambda: self.early_answer(conn), self.config.timeout)
 
     # -- the response -------------------------------------------------------------------------
@@ -3329,6 +3348,7 @@ class AdminHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"load_balancer/{__version__}"
     sys_version = ""
+    disable_nagle_algorithm = True  # head and body are two sends: no 40 ms delayed-ACK wait
     timeout = 30
     server: AdminServer
     ACTIONS = ("drain", "maint", "ready")
@@ -3472,6 +3492,7 @@ class RedirectHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"load_balancer/{__version__}"
     sys_version = ""
+    disable_nagle_algorithm = True
     timeout = 10
 
     def handle_one_request(self) -> None:

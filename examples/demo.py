@@ -348,6 +348,8 @@ def print_hints(args, children: list[Child]) -> None:
         f"  {f'curl {lb}/':<{width}}  # {second} is skipped now",
         f"  {f'curl -X POST http://localhost:{second}/health/recover':<{width}}  # up again after 2 "
         f"passing checks",
+        f"  {f'curl -X POST http://127.0.0.1:{args.admin_port}/backends/{HOST}:{second}/drain':<{width}}"
+        f"  # no new requests for {second}; /ready brings it back",
         "",
         "Press Ctrl-C to stop.",
     ]

@@ -465,6 +465,19 @@ def test_plain_http_to_tls_port_gets_400_at_once_and_a_close(certs, upstreams, b
     assert up.requests == []
 
 
+def test_connection_close_over_tls_ends_the_connection_with_a_close_notify(certs, upstreams, balancer):
+    """After a response with Connection: close, the client sees the end at once (a close_notify,
+    then the close), rather than whenever the TLS socket would be garbage-collected; and the
+    balancer holds no socket in CLOSE-WAIT afterwards."""
+    up, = upstreams(1)
+    b = tls_balancer(balancer, certs, [up.url])
+    for i in range(20):
+        with TLSClient(b.port, client_context(certs.ca), timeout=2) as c:
+            assert_default_ok(c.request(request(f"/close{i}", close=True)), up, "GET", f"/close{i}")
+            assert c.read_until_close() == b""  # raises socket.timeout if the end never comes
+    assert wait_until(lambda: b.server.connections == 0, timeout=3), b.server.connections
+
+
 def test_stalled_handshake_does_not_block_others_and_is_closed_after_header_timeout(
         certs, upstreams, balancer):
     up, = upstreams(1)
