@@ -133,6 +133,7 @@ SEND_NOW_FLAGS = int(MSG_DONTWAIT | MSG_NOSIGNAL)   # an int: "|" on the socket 
 TCP_INFO = getattr(socket, "TCP_INFO", 0)  # Linux: struct tcp_info, see is_reusable
 TCP_ESTABLISHED = 1
 LOG_SUMMARY_SECONDS = 5.0        # a failure that repeats is logged once, then summarised this often
+GAUGE_SECONDS = 0.25             # how often a worker writes its gauges and byte totals to the shared block
 LINGER_SECONDS = 30.0            # see linger_close: nginx's lingering_time and lingering_timeout
 LINGER_IDLE_SECONDS = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
@@ -617,9 +618,11 @@ def parse_request_head(head: bytes, config: Config) -> Request:
                 raise HTTPError(400, "asterisk-form target is for OPTIONS only")
         else:
             authority, target = split_absolute_form(target)
-    if sum(len(line) + 2 for line in lines) - len(request_line) - 2 > config.max_header_size:
+    header_size = len(head) - len(request_line) - 4  # the field lines with their CRLFs
+    if header_size > config.max_header_size:
         raise HTTPError(431, f"header fields larger than {config.max_header_size} bytes")
-    if len(lines) > 1 and max(map(len, itertools.islice(lines, 1, None))) > config.max_field_size:
+    if header_size > config.max_field_size and (
+            max(map(len, itertools.islice(lines, 1, None))) > config.max_field_size):
         raise HTTPError(431, f"a header field longer than {config.max_field_size} bytes")
     fields, values = parse_fields(lines, REQUEST_FIELDS, config.max_headers)
 
@@ -651,7 +654,7 @@ def parse_request_head(head: bytes, config: Config) -> Request:
         # RFC 9110 section 10.1.1: an HTTP/1.0 client's Expect is ignored.
         request.expect_continue = request.framing != NO_BODY and version == b"HTTP/1.1"
     request.forwarded_for = values.get(b"x-forwarded-for")
-    request.upgrade = upgrade_protocol(request, values.get(b"upgrade"))
+    request.upgrade = upgrade_protocol(request, values[b"upgrade"]) if b"upgrade" in values else None
     return request
 
 
@@ -776,25 +779,23 @@ def headers_for_upstream(request: Request, client_ip: bytes, default_host: bytes
                b"Transfer-Encoding: chunked" if request.framing == CHUNKED else None)
     prior = request.forwarded_for
     forwarded = b"X-Forwarded-For: " + (b", ".join(prior) + b", " + client_ip if prior else client_ip)
-    for lname, line in request.fields:
-        if lname not in drop:
-            lines.append(line)
-        elif lname in FRAMING_FIELDS and framing:
-            lines.append(framing)
-            framing = None
-        elif lname == b"x-forwarded-for" and forwarded:
-            lines.append(forwarded)
-            forwarded = None
-        elif lname == b"expect" and expect:
-            lines.append(b"Expect: 100-continue")
-            expect = False
-    if forwarded:
+    if not (framing or prior or expect):  # the usual GET: nothing to put back in place
+        lines += [line for lname, line in request.fields if lname not in drop]
         lines.append(forwarded)
+    else:
+        # Each takes the place of the first dropped field of its name (pop: the first only).
+        place = {b"x-forwarded-for": forwarded}
+        if framing:
+            place[b"content-length"] = place[b"transfer-encoding"] = framing
+        if expect:
+            place[b"expect"] = b"Expect: 100-continue"
+        lines += filter(None, [line if lname not in drop else place.pop(lname, None)
+                               for lname, line in request.fields])
+        if b"x-forwarded-for" in place:
+            lines.append(forwarded)
     if request.host:
         lines.append(b"X-Forwarded-Host: " + request.host)
     lines.append(b"X-Forwarded-Proto: " + proto)
-    if framing:
-        lines.append(framing)
     if request.upgrade:
         lines.append(b"Connection: upgrade")
         lines.append(b"Upgrade: " + request.upgrade)
@@ -1122,7 +1123,7 @@ class Stream:
     """A plain TCP connection. Blocking, with kernel timeouts (see set_timeout)."""
 
     tls = False
-    scheme = "http"
+    scheme = b"http"
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -1143,8 +1144,14 @@ class Stream:
     def send_now(self, data, keep_gil: bool = True) -> int:
         """Send what the kernel takes at once, never blocking (see send_now)."""
         if keep_gil and LIBC_SEND is not None and type(data) is bytes:
-            return max(LIBC_SEND(self.fd, data, len(data), SEND_NOW_FLAGS), 0)
-        return send_now(self.sock, data, keep_gil)
+            sent = LIBC_SEND(self.fd, data, len(data), SEND_NOW_FLAGS)
+            return sent if sent > 0 else 0
+        if not MSG_DONTWAIT:
+            return 0
+        try:
+            return self.sock.send(data, MSG_DONTWAIT)
+        except OSError:
+            return 0
 
     def sendall(self, data) -> None:
         self.sock.sendall(data)
@@ -1246,7 +1253,7 @@ class TLSStream(Stream):
     readiness are ciphertext, so reuse checks and reads go through the SSLSocket."""
 
     tls = True
-    scheme = "https"
+    scheme = b"https"
 
     def set_timeout(self, seconds: float) -> None:
         if seconds != self.timeout_now:
@@ -1431,10 +1438,10 @@ STATE_INTS = 12
 REASON_BYTES = 240
 HEALTH_STATES = ("unchecked", "up", "down")
 ADMIN_STATES = ("ready", "drain", "maint")
-MAINT = ADMIN_STATES.index("maint")
 # Each worker's block: its process, then one record per upstream slot.
-(P_PID, P_CONNECTIONS, P_IN_FLIGHT, P_RESPONSES, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP,
- P_TUNNEL_BYTES_DOWN, P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(12)
+(P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP, P_TUNNEL_BYTES_DOWN,
+ P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(10)
+P_IN_FLIGHT, P_RESPONSES = 14, 15  # derived (Control.counters), never written by a worker
 PROCESS_INTS = 16
 U_CODES = 0
 U_HISTOGRAM = U_CODES + len(METHODS) * N_CODES
@@ -1667,8 +1674,13 @@ class SharedState:
 
 
 class WorkerStats:
-    """One worker's counter block. Every thread of the worker writes it under one lock (a few
-    increments each time); nobody else writes it, so no lock across processes is needed."""
+    """One worker's counter block. Every thread of the worker writes it under one lock, once a
+    request (response(): a few increments); nobody else writes it, so no lock across processes
+    is needed. The per-upstream methods take the record's `base` (stats_base(slot), kept by each
+    Backend). What can be derived is not counted: requests in flight are the upstreams' in-flight
+    tries, responses the histogram's observations (see Control.counters). Gauges (in flight,
+    connections, idle connections) and the byte totals are plain stores, not increments:
+    ProxyServer.publish_gauges writes them from what its connections hold."""
 
     def __init__(self, shared: SharedState, index: int):
         self.counters = shared.workers[index]
@@ -1679,63 +1691,51 @@ class WorkerStats:
         with self.lock:
             self.counters[field] += amount
 
-    def attempt(self, slot: int, first: bool) -> None:
-        """A request goes to upstream `slot` (`first`: the request's first try)."""
-        base = PROCESS_INTS + slot * UPSTREAM_INTS
+    def failed(self, base: int, kind: str, retry: bool) -> None:
+        """A try failed before its answer (`retry`: the request goes on to another upstream)."""
         counters = self.counters
         with self.lock:
             counters[base + U_ATTEMPTS] += 1
-            counters[base + U_IN_FLIGHT] += 1
-            if first:
-                counters[P_IN_FLIGHT] += 1
-
-    def failed(self, slot: int, kind: str, retry: bool) -> None:
-        """A try at upstream `slot` failed before its answer (`retry`: the request goes on)."""
-        base = PROCESS_INTS + slot * UPSTREAM_INTS
-        counters = self.counters
-        with self.lock:
-            counters[base + U_IN_FLIGHT] -= 1
             counters[base + U_ERRORS + ERROR_KINDS.index(kind)] += 1
             counters[base + U_RETRIES] += retry
 
-    def error(self, slot: int, kind: str) -> None:
+    def error(self, base: int, kind: str) -> None:
         """An upstream failed after its answer began (it broke off the body)."""
-        self.add(PROCESS_INTS + slot * UPSTREAM_INTS + U_ERRORS + ERROR_KINDS.index(kind))
+        self.add(base + U_ERRORS + ERROR_KINDS.index(kind))
 
-    def response(self, slot: int, method: bytes, status: int, seconds: float) -> None:
+    def response(self, base: int, method: bytes, status: int, seconds: float) -> None:
         """A response head goes to the client (counted before it is sent, so a client that has its
-        answer and then scrapes /metrics finds it counted); `seconds` since the request head."""
-        base = PROCESS_INTS + slot * UPSTREAM_INTS
-        cell = base + U_CODES + METHOD_INDEX.get(method, 7) * N_CODES + code_index(status)
+        answer and then scrapes /metrics finds it counted), and with it the try that got it;
+        `seconds` since the request head."""
+        index = CODE_INDEX.get(status)
+        cell = base + U_CODES + METHOD_INDEX.get(method, 7) * N_CODES + (
+            code_index(status) if index is None else index)
         bucket = base + U_HISTOGRAM + bisect.bisect_left(LATENCY_BOUNDS, seconds)
         counters = self.counters
         with self.lock:
             counters[cell] += 1
             counters[bucket] += 1
             counters[base + U_LATENCY_SUM] += int(seconds * 1e6)
-            counters[P_RESPONSES] += 1
-
-    def finish(self, slot: int | None, attempted: bool, received: int, sent: int) -> None:
-        """A request is over: the upstream try that answered it (if any), the request itself if it
-        was counted in flight (it had a try), and its bytes each way."""
-        counters = self.counters
-        with self.lock:
-            if slot is not None:
-                counters[PROCESS_INTS + slot * UPSTREAM_INTS + U_IN_FLIGHT] -= 1
-            if attempted:
-                counters[P_IN_FLIGHT] -= 1
-            counters[P_RECEIVED] += received
-            counters[P_SENT] += sent
+            counters[base + U_ATTEMPTS] += 1
 
     def clear_gauges(self) -> None:
         """For a worker that died: what it had open is gone; what it counted stays."""
         counters = self.counters
         with self.lock:
-            for gauge in (P_PID, P_CONNECTIONS, P_IN_FLIGHT, P_TUNNELS_OPEN):
+            for gauge in (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN):
                 counters[gauge] = 0
             for slot in range(MAX_UPSTREAMS + 1):
-                base = PROCESS_INTS + slot * UPSTREAM_INTS
+                base = stats_base(slot)
                 counters[base + U_IN_FLIGHT] = counters[base + U_IDLE] = 0
+
+
+def stats_base(slot: int) -> int:
+    """Where upstream slot `slot`'s record starts in a worker's counter block (slot 0: the
+    balancer's own answers)."""
+    return PROCESS_INTS + slot * UPSTREAM_INTS
+
+
+OWN_ANSWERS = stats_base(0)
 
 
 # ===================================================================================================
@@ -1749,6 +1749,9 @@ class Backend:
     def __init__(self, spec: BackendSpec, slot: int, config: Config, shared: SharedState,
                  stats: WorkerStats | None = None):
         self.spec, self.slot, self.config, self.shared, self.stats = spec, slot, config, shared, stats
+        self.states, self.state_base = shared.states, slot * STATE_INTS  # read on every request
+        self.stats_base = stats_base(slot)
+        self.maint = False                # kept by RoundRobin.refresh: no idle connection is kept
         self.name, self.url = spec.name, spec.url
         self.host, self.port = spec.host, spec.port
         # In log lines: the URL, and the name too when it is not the URL's own host:port.
@@ -1854,6 +1857,7 @@ class RoundRobin:
 
     def __init__(self, shared: SharedState, config: Config, stats: WorkerStats | None = None):
         self.shared, self.config, self.stats = shared, config, stats
+        self._header = shared.header
         self.backends: dict = {}          # slot -> Backend, this process's
         self._counter = itertools.count()
         self._lock = threading.Lock()
@@ -1871,7 +1875,7 @@ class RoundRobin:
 
     def pick(self, exclude=()) -> Backend | None:
         rotation = self._rotation
-        if rotation.generation != self.shared.header[H_GENERATION] or (
+        if rotation.generation != self._header[H_GENERATION] or (
                 rotation.review_at and monotonic_us() >= rotation.review_at):
             rotation = self.refresh()
         for cycle, members in ((rotation.primary, rotation.primary_members),
@@ -1923,7 +1927,8 @@ class RoundRobin:
                     "every upstream is out after failed requests; trying them anyway" if panic
                     else "an upstream is available again")
             for slot, backend in self.backends.items():
-                if states[slot] == "maint":
+                backend.maint = states[slot] == "maint"
+                if backend.maint:
                     backend.pool.close_idle()  # maint: out at once, idle connections closed
             review_at = min((shared.get(b.slot, S_EJECTED_UNTIL) for b in ejected), default=0)
             self._rotation = Rotation(generation, primary, backup, review_at, panic)
@@ -2215,7 +2220,7 @@ class ConnectionPool:
         self.closed = False
         stats = backend.stats
         self.gauge = stats.counters if stats is not None else None
-        self.gauge_index = PROCESS_INTS + backend.slot * UPSTREAM_INTS + U_IDLE
+        self.gauge_index = backend.stats_base + U_IDLE
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -2228,8 +2233,9 @@ class ConnectionPool:
                 conn = idle.pop()
             except IndexError:
                 break
-            self.count()
-            if conn.is_reusable():
+            if self.gauge is not None:
+                self.gauge[self.gauge_index] = len(idle)
+            if conn.stream.is_reusable():
                 return conn
             conn.close()
         return None
@@ -2246,9 +2252,7 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         idle = self._idle
-        backend = self.backend  # an upstream in maint keeps no idle connection
-        if not self.closed and len(idle) < self.config.pool_size and \
-                backend.shared.get(backend.slot, S_ADMIN) != MAINT:
+        if not self.closed and len(idle) < self.config.pool_size and not self.backend.maint:
             idle.append(conn)
             if self.gauge is not None:
                 self.gauge[self.gauge_index] = len(idle)
@@ -2365,7 +2369,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.idle_since = time.monotonic()
         self.linger = False           # close gently: the client may still be sending
         self.requests_seen = 0
-        self.received_before = 0      # bytes read from the client before this request
+        self.received_total = self.sent_total = 0  # bytes of ended requests, both ways
+        self.in_flight_base = None    # the upstream record of the try in flight, if any
         self.gated = False            # holds a place in the server's FairGate
         self.started = time.monotonic()
         self.command = self.path = self.request_version = ""
@@ -2406,16 +2411,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
         except OSError:  # including the timeout: an idle connection is closed without a word
             return
-        with self.server.lock:
-            if self.evicted or self.server.draining and self.requests_seen:
-                return
-            self.busy = True
+        # Busy first, then the checks; make_room() and drain() set their flag first, then look at
+        # busy: whichever comes second sees the other (under the GIL), without a lock a request.
+        self.busy = True
+        if self.evicted or self.server.draining and self.requests_seen:
+            self.busy = False
+            return
         self.requests_seen += 1
         self.started = time.monotonic()
         self.sent = 0
         self.head_sent = 0
-        self.attempted = False
-        self.in_flight_slot = None
+        self.in_flight_base = None
         head = None
         try:
             try:
@@ -2450,13 +2456,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.gated:
                 self.gated = False
                 self.server.gate.leave(request_done=True)
-            # Bytes read from the socket since the last request ended: a pipelined next request
-            # that came in the same read is counted with this one.
-            received = self.rfile.raw.received - self.received_before
-            self.received_before += received
-            self.stats.finish(self.in_flight_slot, self.attempted, received, self.sent)
+            # Counted as this connection's (see ProxyServer.publish_gauges): bytes read from the
+            # socket, a pipelined next request that came in the same read with this one.
+            self.received_total = self.rfile.raw.received
+            self.sent_total += self.sent
+            self.in_flight_base = None
             self.idle_since = time.monotonic()
             self.busy = False  # no lock: at worst make_room() passes over a connection just idle
+            if self.evicted:
+                self.close_connection = True
             if self.server.draining:
                 self.close_connection = True
                 self.server.wake_drainer()
@@ -2473,7 +2481,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Forward one request to the next upstream and relay its answer; on failure try the next
         one while that is safe; else answer 502, 503 or 504 through reject()."""
         self.continue_sent = False
-        body = self.arrived_body(request)
+        body = b"" if request.framing == NO_BODY else self.arrived_body(request)
         balancer = self.server.balancer
         tried: list[Backend] = []
         failure = None
@@ -2481,24 +2489,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
             backend = balancer.pick(tried)
             if backend is None:
                 break
-            self.stats.attempt(backend.slot, first=not tried)
-            self.attempted = True
-            self.in_flight_slot = backend.slot  # finish() ends it, whatever happens from here
+            self.in_flight_base = backend.stats_base  # in flight there until the request ends
             tried.append(backend)
             try:
                 conn, response, early = self.exchange(backend, request, body)
             except UpstreamError as error:
-                self.in_flight_slot = None
+                self.in_flight_base = None
                 retry = self.may_retry(request, error)
-                self.stats.failed(backend.slot, error.kind, retry)
+                self.stats.failed(backend.stats_base, error.kind, retry)
                 self.upstream_failed(backend, error)
                 failure = error
                 if retry:
                     continue
                 break
-            shared = self.server.shared
-            if shared.get(backend.slot, S_CONSECUTIVE_FAILURES) or shared.get(backend.slot, S_EJECTED_UNTIL):
-                shared.record_success(backend.slot)
+            states, base = backend.states, backend.state_base
+            if states[base + S_CONSECUTIVE_FAILURES] or states[base + S_EJECTED_UNTIL]:
+                self.server.shared.record_success(backend.slot)
             self.relay_response(backend, conn, response, request, early)
             return
         unread_body = request.framing != NO_BODY and body is None
@@ -2541,7 +2547,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         raised as an UpstreamError (see classify)."""
         expect = body is None and request.expect_continue
         head = headers_for_upstream(request, self.client_ip, backend.host_header,
-                                    proto=self.stream.scheme.encode(), expect=expect)
+                                    proto=self.stream.scheme, expect=expect)
         if body:
             head += body
         for attempt in (1, 2):
@@ -2724,7 +2730,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         out = headers_for_client(head, chunked=chunked, keep_alive=keep_alive,
                                  http10=request.version == b"HTTP/1.0")
         self.head_sent = len(out)
-        self.stats.response(backend.slot, request.method, head.status, time.monotonic() - self.started)
+        self.stats.response(backend.stats_base, request.method, head.status, time.monotonic() - self.started)
         done = False
         try:
             if framing == NO_BODY or (framing == LENGTH and not head.length):
@@ -2735,7 +2741,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ReadError as error:
             failure = UpstreamError("body", 502, "the upstream broke off the response body: "
                                                  f"{describe_os_error(error.__cause__)}")
-            self.stats.error(backend.slot, "body")
+            self.stats.error(backend.stats_base, "body")
             self.upstream_failed(backend, failure)
         except (WriteError, ClientError):
             pass  # the client went away
@@ -2777,7 +2783,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         out = headers_for_client(response.head, chunked=False, keep_alive=True, http10=False,
                                  upgrade=request.upgrade)
         self.head_sent = len(out)
-        self.stats.response(backend.slot, request.method, 101, time.monotonic() - self.started)
+        self.stats.response(backend.stats_base, request.method, 101, time.monotonic() - self.started)
         self.close_connection = True
         try:
             self.client_write(out)
@@ -2834,7 +2840,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # under an outage, one line per request would bury everything else.
         log.debug("%s %s from %s answered %d: %s", self.command or "-", self.path or "-",
                   self.client_address[0], status, detail)
-        self.stats.response(0, self.command.encode("latin-1", "replace"), status,
+        self.stats.response(OWN_ANSWERS, self.command.encode("latin-1", "replace"), status,
                             time.monotonic() - self.started)
         answer = error_response(status, detail, close=close, extra=extra, head_only=self.command == "HEAD")
         self.head_sent = answer.index(b"\r\n\r\n") + 4
@@ -2877,7 +2883,7 @@ def format_access_line(style: str, handler: ProxyHandler, status, backend: Backe
             "upstream_address": f"{backend.host}:{backend.port}" if backend else None,
             "upstream_status": status if backend else None,
             "duration_ms": round(duration * 1000, 3), "bytes_sent": handler.sent,
-            "bytes_received": handler.rfile.raw.received - handler.received_before,
+            "bytes_received": handler.rfile.raw.received - handler.received_total,
             "user_agent": headers.get("User-Agent") if headers else None,
             "referer": headers.get("Referer") if headers else None}, separators=(",", ":"))
     when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
@@ -3019,6 +3025,10 @@ class ProxyServer(ThreadingHTTPServer):
         self.draining = False
         self.connections = 0          # counted at accept, so that the cap holds under a burst
         self.evicting = 0             # idle connections closed to make room, not yet gone
+        # Bytes of closed connections; a worker started again goes on from its block's totals.
+        self.retired_received, self.retired_sent = stats.counters[P_RECEIVED], stats.counters[P_SENT]
+        self.gauged: set = set()      # upstream records whose in-flight gauge is not 0
+        self.published_at = 0.0
         self.handlers: set = set()
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
@@ -3061,8 +3071,13 @@ class ProxyServer(ThreadingHTTPServer):
         """serve_forever() accepts one connection per wake-up of its poll(); under a burst of
         connects, take the rest of the backlog now instead of one poll() each (at most one
         backlog's worth, so that a connect flood cannot keep shutdown() waiting). Also takes a
-        change of the shared state (an admin action, a reload) within a poll interval."""
+        change of the shared state (an admin action, a reload) within a poll interval, and
+        publishes the gauges."""
         self.balancer.follow()
+        now = time.monotonic()
+        if now - self.published_at >= GAUGE_SECONDS:
+            self.published_at = now
+            self.publish_gauges()
         for _ in range(self.request_queue_size):
             try:
                 request, client_address = self.socket.accept()
@@ -3080,12 +3095,11 @@ class ProxyServer(ThreadingHTTPServer):
                 spare = self.spare_threads > 0
                 self.spare_threads -= spare
         if refused:
-            self.stats.response(0, b"other", 503, 0.0)
+            self.stats.response(OWN_ANSWERS, b"other", 503, 0.0)
             if refused == "too many connections":
                 self.refusals.count()
             self.closer.reject(request, error_response(503, refused, close=True, extra=b"Retry-After: 1\r\n"))
             return
-        self.stats.add(P_ACCEPTED)
         if spare:
             self.handoff.put((request, client_address))
         else:
@@ -3103,7 +3117,8 @@ class ProxyServer(ThreadingHTTPServer):
         victim = min(idle, key=lambda handler: handler.idle_since)
         victim.evicted = True
         self.evicting += 1
-        victim.stream.shutdown(socket.SHUT_RDWR)
+        if not victim.busy:  # else a request just began on it: it closes once that is answered
+            victim.stream.shutdown(socket.SHUT_RDWR)
         return True
 
     def connection_thread(self, request: socket.socket, client_address) -> None:
@@ -3142,7 +3157,7 @@ class ProxyServer(ThreadingHTTPServer):
             first = sock.recv(1, socket.MSG_PEEK)
             if first and first != b"\x16":  # not a TLS handshake record: plain HTTP, as nginx answers it
                 if not first.translate(None, TCHAR):
-                    self.stats.response(0, b"other", 400, 0.0)
+                    self.stats.response(OWN_ANSWERS, b"other", 400, 0.0)
                     self.closer.reject(sock.dup(), error_response(
                         400, "The plain HTTP request was sent to HTTPS port", close=True))
                 return None
@@ -3166,16 +3181,39 @@ class ProxyServer(ThreadingHTTPServer):
         self.tls_generation = generation
 
     def track(self, handler: ProxyHandler, active: bool) -> None:
-        with self.lock:
+        counters = self.stats.counters
+        with self.lock:  # the only writer of these fields: plain stores, no other lock
             if active:
                 self.handlers.add(handler)
-                self.stats.counters[P_CONNECTIONS] = len(self.handlers)
+                counters[P_ACCEPTED] += 1
             else:
                 self.handlers.discard(handler)
-                self.stats.counters[P_CONNECTIONS] = len(self.handlers)
+                self.retired_received += handler.received_total
+                self.retired_sent += handler.sent_total
                 if handler.evicted:
                     self.evicting -= 1
                 self.drained.notify_all()
+            counters[P_CONNECTIONS] = len(self.handlers)
+
+    def publish_gauges(self) -> None:
+        """Write this worker's gauges and byte totals into its counter block, from what its
+        connections hold: requests in flight at each upstream, and the bytes of every ended
+        request (lock-free on the request path; who calls: service_actions, a few times a second,
+        and Control before it answers in a one-process balancer)."""
+        counters = self.stats.counters
+        in_flight: collections.Counter = collections.Counter()
+        with self.lock:
+            received, sent = self.retired_received, self.retired_sent
+            for handler in self.handlers:
+                base = handler.in_flight_base
+                if base is not None:
+                    in_flight[base] += 1
+                received += handler.received_total
+                sent += handler.sent_total
+            for base in self.gauged | in_flight.keys():
+                counters[base + U_IN_FLIGHT] = in_flight[base]
+            self.gauged = set(in_flight)
+            counters[P_RECEIVED], counters[P_SENT] = received, sent
 
     def wake_drainer(self) -> None:
         with self.lock:
@@ -4217,6 +4255,7 @@ class Control:
         self.started = time.time()
         self.stopped = threading.Event()
         self.threads: list = []
+        self.before_reading = None          # one process: the worker's publish_gauges, for exact gauges
         self.apply(config)
         self.admin = self.redirect = None
         if config.admin_port is not None:
@@ -4305,22 +4344,33 @@ class Control:
     # -- counting -----------------------------------------------------------------------------
 
     def counters(self) -> tuple:
-        """What every worker has counted, added up: (process fields, {slot: upstream record})."""
-        slots = [0] + [slot for slot, _ in self.current]
+        """What every worker has counted, added up: (process fields, {slot: upstream record},
+        [each worker's process fields]). Every slot ever used counts, so that totals never go back
+        when an upstream is removed; P_IN_FLIGHT and P_RESPONSES are derived here."""
+        if self.before_reading is not None:
+            self.before_reading()
+        slots = [0, *self.slots.values()]
         process = [0] * PROCESS_INTS
         per_slot = {slot: [0] * UPSTREAM_INTS for slot in slots}
+        per_worker = []
         for block in self.shared.workers:
-            process = list(map(operator.add, process, block[:PROCESS_INTS].tolist()))
+            own = block[:PROCESS_INTS].tolist()
+            responses = in_flight = 0
             for slot in slots:
-                base = PROCESS_INTS + slot * UPSTREAM_INTS
-                per_slot[slot] = list(map(operator.add, per_slot[slot],
-                                          block[base:base + UPSTREAM_INTS].tolist()))
-        return process, per_slot
+                base = stats_base(slot)
+                record = block[base:base + UPSTREAM_INTS].tolist()
+                responses += sum(record[U_HISTOGRAM:U_LATENCY_SUM])
+                in_flight += record[U_IN_FLIGHT]
+                per_slot[slot] = list(map(operator.add, per_slot[slot], record))
+            own[P_RESPONSES], own[P_IN_FLIGHT] = responses, in_flight
+            per_worker.append(own)
+            process = list(map(operator.add, process, own))
+        return process, per_slot, per_worker
 
     def sample(self) -> None:
         """Once a second: the counters for the last minute's percentiles and the dashboard's
         history, and a log line when an ejection ends by itself."""
-        _, per_slot = self.counters()
+        _, per_slot, _ = self.counters()
         now = time.time()
         self.history.append((now, {slot: (sum(record[U_CODES:U_HISTOGRAM]),
                                           sum(record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)]),
@@ -4352,7 +4402,7 @@ class Control:
 
     def status(self, history: bool = False) -> dict:
         """GET /status: every field is described in the README."""
-        process, per_slot = self.counters()
+        process, per_slot, per_worker = self.counters()
         now_us = monotonic_us()
         backends = []
         states = []
@@ -4409,9 +4459,9 @@ class Control:
             "bytes_received": process[P_RECEIVED],
             "bytes_sent": process[P_SENT],
             "panic": "up" not in states and "ejected" in states,
-            "workers": [{"index": index, "pid": block[P_PID], "connections": block[P_CONNECTIONS],
-                         "requests": block[P_RESPONSES], "restarts": block[P_RESTARTS]}
-                        for index, block in enumerate(self.shared.workers)],
+            "workers": [{"index": index, "pid": own[P_PID], "connections": own[P_CONNECTIONS],
+                         "requests": own[P_RESPONSES], "restarts": own[P_RESTARTS]}
+                        for index, own in enumerate(per_worker)],
             "backends": backends,
         }
         if history:
@@ -4434,9 +4484,10 @@ class Control:
 
     def metrics(self) -> str:
         """GET /metrics: Prometheus text format 0.0.4; every family is described in the README."""
-        process, per_slot = self.counters()
+        process, per_slot, _ = self.counters()
         out = MetricsWriter()
-        names = {0: "-", **{slot: spec.name for slot, spec in self.current}}
+        # Every name a slot has had: a removed upstream's counters go on existing, never back.
+        names = {0: "-", **{slot: name for name, slot in self.slots.items()}}
         out.family("lb_requests_total", "counter", "Responses sent to clients, by the upstream that "
                    "answered (\"-\": the balancer itself), request method and status code.")
         for slot, record in per_slot.items():
@@ -4669,6 +4720,7 @@ class LoadBalancer:
             self.worker.server.server_close()
             raise
         self.worker.balancer.refresh()
+        self.control.before_reading = self.worker.server.publish_gauges
         self._closed = False
 
     @property
