@@ -412,12 +412,6 @@ def read_backends_file(path: str) -> tuple:
     return tuple(backends)
 
 
-def parse_backend_url(url: str) -> tuple[str, int]:
-    """``http://host[:port]`` -> (host, port); ValueError with a one-line reason otherwise."""
-    spec = parse_backend(url)
-    return spec.host, spec.port
-
-
 # ===================================================================================================
 # HTTP/1.1 message rules (RFC 9110, RFC 9112): pure functions, bytes in, bytes out
 # ===================================================================================================
@@ -1105,20 +1099,6 @@ def libc_send():
 LIBC_SEND = libc_send()
 
 
-def send_now(sock: socket.socket, data, keep_gil: bool = True) -> int:
-    """Send what the kernel takes at once, never blocking: the number of bytes sent. 0 also when
-    the send failed: the caller's blocking send of the rest reports the error. `keep_gil=False`
-    lets other threads run during the system call (see FairGate.keep_gil). Plain sockets only."""
-    if keep_gil and LIBC_SEND is not None and type(data) is bytes:
-        return max(LIBC_SEND(sock.fileno(), data, len(data), SEND_NOW_FLAGS), 0)
-    if not MSG_DONTWAIT:
-        return 0
-    try:
-        return sock.send(data, MSG_DONTWAIT)
-    except OSError:
-        return 0
-
-
 class Stream:
     """A plain TCP connection. Blocking, with kernel timeouts (see set_timeout)."""
 
@@ -1142,7 +1122,9 @@ class Stream:
             self.timeout_now = seconds
 
     def send_now(self, data, keep_gil: bool = True) -> int:
-        """Send what the kernel takes at once, never blocking (see send_now)."""
+        """Send what the kernel takes at once, never blocking: the number of bytes sent. 0 also
+        when the send failed: the caller's blocking send of the rest reports the error.
+        `keep_gil=False` lets other threads run during the system call (see FairGate.keep_gil)."""
         if keep_gil and LIBC_SEND is not None and type(data) is bytes:
             sent = LIBC_SEND(self.fd, data, len(data), SEND_NOW_FLAGS)
             return sent if sent > 0 else 0
@@ -1533,9 +1515,6 @@ class SharedState:
     def attach(cls, block_fd: int, lock_fd: int, workers: int) -> SharedState:
         lock_file = os.fdopen(lock_fd, "r+b")
         return cls(mmap.mmap(block_fd, cls.size(workers)), workers, SharedLock(lock_file), (lock_file,))
-
-    def after_fork(self) -> None:
-        self.lock.local = threading.Lock()
 
     # -- the backend set (owner writes, workers read) -------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The socket helpers under the HTTP rules: send_now(), the send that never blocks (libc's send
-through ctypes, which keeps the GIL, or socket.send where that is not available).
+"""The socket helpers under the HTTP rules: Stream.send_now(), the send that never blocks (libc's
+send through ctypes, which keeps the GIL, or socket.send where that is not available).
 
 Real TCP connections on 127.0.0.1, each socket with a timeout; a call that should not block runs in
 a thread that must finish within a deadline.
@@ -24,12 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(params=["libc", "socket"])
 def send_now(request, monkeypatch):
-    """lb.send_now, through libc's send and through the socket.send fallback."""
+    """send_now(sock, data) of a plain Stream, through libc's send and through the socket.send
+    fallback."""
     if request.param == "socket":
         monkeypatch.setattr(lb, "LIBC_SEND", None)
     elif lb.LIBC_SEND is None:
         pytest.skip("no libc send through ctypes here")
-    return lb.send_now
+    return lambda sock, data: lb.Stream(sock).send_now(data)
 
 
 @pytest.fixture
@@ -90,13 +91,14 @@ receiver, _ = listener.accept()
 receiver.settimeout(5)
 sender.settimeout(None)  # blocking, as the balancer's sockets are (the child runs under a timeout)
 block = b"x" * 65536
+stream = lb.Stream(sender)
 total = 0
 while True:
-    sent = lb.send_now(sender, block)
+    sent = stream.send_now(block)
     total += sent
     if sent < len(block):
         break
-assert lb.send_now(sender, block) == 0
+assert stream.send_now(block) == 0
 received = 0
 while received < total:
     data = receiver.recv(1 << 20)
