@@ -1138,9 +1138,6 @@ class Stream:
     def sendall(self, data) -> None:
         self.sock.sendall(data)
 
-    def recv_into(self, buffer) -> int:
-        return self.sock.recv_into(buffer)
-
     def pending(self) -> int:
         """Bytes decoded and waiting above the socket (TLS records); none for plain TCP."""
         return 0
@@ -1437,6 +1434,11 @@ UPSTREAM_INTS = U_IDLE + 1
 WORKER_INTS = PROCESS_INTS + (MAX_UPSTREAMS + 1) * UPSTREAM_INTS
 
 
+def memory_directory() -> str | None:
+    """Where a file is kept in memory (tmpfs), if there is such a place; else the temp directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
 def monotonic_us() -> int:
     """CLOCK_MONOTONIC in microseconds: one clock for every process of the machine."""
     return int(time.monotonic() * 1e6)
@@ -1506,8 +1508,7 @@ class SharedState:
         size = cls.size(workers)
         if not processes:
             return cls(mmap.mmap(-1, size), workers, SharedLock())
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        block, lock_file = tempfile.TemporaryFile(dir=directory), tempfile.TemporaryFile()
+        block, lock_file = tempfile.TemporaryFile(dir=memory_directory()), tempfile.TemporaryFile()
         os.ftruncate(block.fileno(), size)
         return cls(mmap.mmap(block.fileno(), size), workers, SharedLock(lock_file), (block, lock_file))
 
@@ -2175,8 +2176,6 @@ class UpstreamConnection(http.client.HTTPConnection):
     def makefile(self, mode: str) -> io.BufferedReader:
         return self.stream.reader
 
-    def is_reusable(self) -> bool:
-        return self.sock is not None and self.stream.is_reusable()
 
 
 @functools.lru_cache(maxsize=None)
@@ -3251,8 +3250,7 @@ def server_tls_context(cert: str, key: str, pem: bytes | None = None) -> ssl.SSL
     if pem is None:
         context.load_cert_chain(cert, key)
     else:  # OpenSSL loads from files only: a private one (mode 0600) in memory, removed at once
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.NamedTemporaryFile(prefix="load_balancer-tls-", dir=directory) as file:
+        with tempfile.NamedTemporaryFile(prefix="load_balancer-tls-", dir=memory_directory()) as file:
             file.write(pem)
             file.flush()
             context.load_cert_chain(file.name)
