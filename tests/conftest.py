@@ -690,3 +690,28 @@ def socket_inodes(pid: int) -> set[str]:
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
     return inodes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CLI with --workers
+# ---------------------------------------------------------------------------------------------------
+
+def worker_pids(pid: int) -> set[int]:
+    """Live worker processes of the supervisor `pid` (children started with --worker-process)."""
+    return {k for k in proc_children(pid) if alive(k) and "--worker-process" in proc_cmdline(k)}
+
+
+def all_workers_listening(p: CliProcess, n: int) -> bool:
+    """The CLI process `p` has exactly n workers, each holding a socket listening on its port."""
+    kids = worker_pids(p.proc.pid)
+    return len(kids) == n and all(listening_inodes(p.port) & socket_inodes(k) for k in kids)
+
+
+def must_get(p: CliProcess, target: str = "/") -> Response:
+    """A GET through the CLI process that must answer 200; on failure, say what it logged."""
+    try:
+        r = get(p.port, target)
+    except OSError as error:
+        raise AssertionError(f"GET {target}: {error!r}; balancer stderr:\n{p.stderr_text()}") from None
+    assert r.status == 200, (r, p.stderr_text())
+    return r

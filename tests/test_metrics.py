@@ -49,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import load_balancer as lb
 from conftest import (RawClient, SlowUpstreamHandler, alive, default_handler, free_port, get,
-                      proc_children, proc_cmdline, refused_url, wait_until)
+                      proc_children, proc_cmdline, refused_url, wait_until, worker_pids)
 
 N = 60
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -137,11 +137,6 @@ def start_cli(cli, ups, *extra: str):
     return p
 
 
-def worker_pids(p) -> set[int]:
-    """The CLI's live worker processes (children started with --worker-process)."""
-    return {k for k in proc_children(p.proc.pid) if alive(k) and "--worker-process" in proc_cmdline(k)}
-
-
 def stop_cli(p, seen_workers: set[int]) -> None:
     """In `finally`: stop the CLI process and any worker of it still alive, each by its PID."""
     if p.proc.poll() is None:
@@ -171,14 +166,14 @@ def assert_exact(admin_port: int, n: int, workers: int, scrapes: int = 4) -> dic
 def test_two_workers_every_scrape_is_exact(cli, upstreams):
     ups = upstreams(3)
     p = start_cli(cli, ups, "--workers", "2", "--health-interval", "0")
-    seen = worker_pids(p)
+    seen = worker_pids(p.proc.pid)
     try:
         for i in range(N):
             assert get(p.port, f"/n{i}").status == 200
         st = assert_exact(p.admin_port, N, workers=2)
         served = [w["requests"] for w in st["workers"]]
         assert all(s > 0 for s in served), f"one worker served all {N} connections: {st['workers']}"
-        seen |= worker_pids(p)
+        seen |= worker_pids(p.proc.pid)
         assert {w["pid"] for w in st["workers"]} == seen, (st["workers"], seen)
         assert st["pid"] == p.proc.pid  # the supervisor answers, for every worker
         samples = metrics(p.admin_port)
@@ -191,7 +186,7 @@ def test_two_workers_every_scrape_is_exact(cli, upstreams):
 def test_killed_worker_is_replaced_and_totals_stay_exact(cli, upstreams):
     ups = upstreams(2)
     p = start_cli(cli, ups, "--workers", "2", "--health-interval", "0")
-    seen = worker_pids(p)
+    seen = worker_pids(p.proc.pid)
     try:
         assert len(seen) == 2, seen
         for i in range(N):
@@ -210,7 +205,7 @@ def test_killed_worker_is_replaced_and_totals_stay_exact(cli, upstreams):
 
         assert wait_until(replaced, timeout=10, interval=0.05), (status(p.admin_port)["workers"],
                                                                  p.stderr_text())
-        seen |= worker_pids(p)
+        seen |= worker_pids(p.proc.pid)
         st = assert_exact(p.admin_port, N, workers=2)
         new = st["workers"][0]
         assert new["pid"] in seen, (new, seen)
@@ -279,7 +274,7 @@ def test_health_probes_once_per_interval_however_many_workers(cli, upstreams):
     recorders = [ProbeRecorder(), ProbeRecorder()]
     ups = [upstreams(1, r)[0] for r in recorders]
     p = start_cli(cli, ups, "--workers", "2", "--health-path", "/health", "--health-interval", "0.2")
-    seen = worker_pids(p)
+    seen = worker_pids(p.proc.pid)
     try:
         assert len(seen) == 2, seen
         t0 = time.monotonic()  # both workers are serving from here on
@@ -288,7 +283,7 @@ def test_health_probes_once_per_interval_however_many_workers(cli, upstreams):
             assert r.wait_past(t0 + window, timeout=10), r.times
         counts = [r.between(t0, t0 + window) for r in recorders]
         assert all(4 <= c <= 8 for c in counts), f"probes per upstream in {window} s: {counts}"
-        assert worker_pids(p) == seen  # the same two workers all along
+        assert worker_pids(p.proc.pid) == seen  # the same two workers all along
     finally:
         stop_cli(p, seen)
 

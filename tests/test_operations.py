@@ -53,12 +53,14 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
+
 import pytest
 
 import load_balancer as lb
-from conftest import (SOCKET_TIMEOUT, RawClient, SlowUpstreamHandler, alive, default_handler,
-                      free_port, get, listening_inodes, port_of, proc_children, proc_cmdline,
-                      refuses, socket_inodes, wait_until)
+from conftest import (SOCKET_TIMEOUT, RawClient, SlowUpstreamHandler, all_workers_listening, alive,
+                      default_handler, free_port, get, listening_inodes, must_get, port_of, refuses,
+                      socket_inodes, wait_until, worker_pids)
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
@@ -101,30 +103,10 @@ def cli_args(*extra: str) -> list[str]:
     return ["--host", "127.0.0.1", "--port", "0", "--health-interval", "0", *extra]
 
 
-def must_get(p, target: str = "/"):
-    """GET through a CLI process; on failure, say what it logged."""
-    try:
-        r = get(p.port, target)
-    except OSError as error:
-        raise AssertionError(f"GET {target}: {error!r}; balancer stderr:\n{p.stderr_text()}") from None
-    assert r.status == 200, (r, p.stderr_text())
-    return r
-
-
-def workers_of(pid: int) -> set[int]:
-    """Live children of the supervisor that are workers (not multiprocessing helpers)."""
-    return {k for k in proc_children(pid) if alive(k) and "--worker-process" in proc_cmdline(k)}
-
-
-def all_listening(p, n: int) -> bool:
-    kids = workers_of(p.proc.pid)
-    return len(kids) == n and all(listening_inodes(p.port) & socket_inodes(k) for k in kids)
-
-
 def start_cli(cli, args: list[str], workers: int = 1):
     p = cli([*args, "--workers", str(workers)]).wait_ready()
     if workers > 1:
-        assert wait_until(lambda: all_listening(p, workers), timeout=5), p.stderr_text()
+        assert wait_until(lambda: all_workers_listening(p, workers), timeout=5), p.stderr_text()
     return p
 
 
@@ -656,7 +638,7 @@ def test_non_loopback_admin_host_needs_a_token(cli, upstreams):
 def test_sigusr1_and_sighup_without_a_file_keep_serving(workers, cli, upstreams):
     a, b = upstreams(2)
     p = start_cli(cli, cli_args("--backend", a.url, "--backend", b.url), workers)
-    kids = workers_of(p.proc.pid)
+    kids = worker_pids(p.proc.pid)
     must_get(p, "/before")
 
     os.kill(p.proc.pid, signal.SIGUSR1)
@@ -667,7 +649,7 @@ def test_sigusr1_and_sighup_without_a_file_keep_serving(workers, cli, upstreams)
                          "connections closed, so that host names are looked up again"), line
 
     assert p.proc.poll() is None, p.stderr_text()
-    assert workers_of(p.proc.pid) == kids
+    assert worker_pids(p.proc.pid) == kids
     for i in range(4):
         must_get(p, f"/after{i}")
     assert p.stop(signal.SIGTERM) == 0, p.stderr_text()
@@ -731,7 +713,7 @@ def test_sigquit_drains_like_sigterm(cli, upstreams):
 def test_sigkill_of_the_supervisor_leaves_no_worker(cli, upstreams):
     up, = upstreams(1)
     p = start_cli(cli, cli_args("--backend", up.url), workers=2)
-    kids = workers_of(p.proc.pid)
+    kids = worker_pids(p.proc.pid)
     assert len(kids) == 2, kids
     try:
         must_get(p)
@@ -751,9 +733,9 @@ def test_second_balancer_on_a_held_port_exits_1_and_the_first_keeps_serving(cli,
     args = ["--host", "127.0.0.1", "--port", str(port), "--health-interval", "0",
             "--backend", up.url, "--workers", "2"]
     first = cli(args).wait_ready()
-    assert wait_until(lambda: all_listening(first, 2), timeout=5), first.stderr_text()
+    assert wait_until(lambda: all_workers_listening(first, 2), timeout=5), first.stderr_text()
     mine = socket_inodes(first.proc.pid)
-    for k in workers_of(first.proc.pid):
+    for k in worker_pids(first.proc.pid):
         mine |= socket_inodes(k)
     held = listening_inodes(port)
     assert len(held) == 2 and held <= mine, (held, mine)

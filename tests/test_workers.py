@@ -10,33 +10,18 @@ from __future__ import annotations
 import os
 import signal
 
-from conftest import (RawClient, SlowUpstreamHandler, alive, free_port, get, listening_inodes,
-                      live_processes, port_of, proc_children, proc_cmdline, refuses,
-                      socket_inodes, wait_until)
+from conftest import (RawClient, SlowUpstreamHandler, all_workers_listening, alive, free_port, get,
+                      listening_inodes, live_processes, must_get, port_of, proc_children,
+                      refuses, socket_inodes, wait_until, worker_pids)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers (the generic /proc readers are conftest's)
 # ---------------------------------------------------------------------------------------------------
 
-def workers(pid: int) -> set[int]:
-    """Live children that are workers (not multiprocessing helper processes)."""
-    return {k for k in proc_children(pid) if alive(k)
-            and "resource_tracker" not in proc_cmdline(k) and "forkserver" not in proc_cmdline(k)}
-
-
 def listeners_of(pid: int, port: int) -> set[str]:
     """Inodes of the sockets listening on `port` that process `pid` holds."""
     return listening_inodes(port) & socket_inodes(pid)
-
-
-def listening(pid: int, port: int) -> bool:
-    return bool(listeners_of(pid, port))
-
-
-def all_workers_listening(p, n: int) -> bool:
-    kids = workers(p.proc.pid)
-    return len(kids) == n and all(listening(k, p.port) for k in kids)
 
 
 def start(cli, ups, *extra):
@@ -50,16 +35,6 @@ def start(cli, ups, *extra):
     p = cli(args).wait_ready()
     assert wait_until(lambda: not refuses(p.port), timeout=5), p.stderr_text()
     return p
-
-
-def must_get(p, path: str):
-    """GET through the CLI process; on failure say what the process logged."""
-    try:
-        r = get(p.port, path)
-    except OSError as error:
-        raise AssertionError(f"GET {path}: {error!r}; balancer stderr:\n{p.stderr_text()}") from None
-    assert r.status == 200, (r, p.stderr_text())
-    return r
 
 
 def stop_and_check_all_gone(p, kids: set[int]) -> None:
@@ -90,7 +65,7 @@ def test_two_workers_serve_and_sigterm_exits_0_with_workers_gone(cli, upstreams)
     responses = [must_get(p, f"/w{i}") for i in range(12)]
     assert all(r.status == 200 for r in responses), responses
     assert sum(len(u.requests) for u in ups) == 12
-    kids = workers(p.proc.pid)
+    kids = worker_pids(p.proc.pid)
     assert len(kids) == 2
     stop_and_check_all_gone(p, kids)
 
@@ -99,7 +74,7 @@ def test_killed_worker_is_restarted_and_requests_keep_succeeding(cli, upstreams)
     ups = upstreams(3)
     p = start(cli, ups, "--workers", "2")
     assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), proc_children(p.proc.pid)
-    before = workers(p.proc.pid)
+    before = worker_pids(p.proc.pid)
     victim = min(before)
     victim_sockets = listeners_of(victim, p.port)
     assert victim_sockets
@@ -110,9 +85,9 @@ def test_killed_worker_is_restarted_and_requests_keep_succeeding(cli, upstreams)
     # succeeds, also those that land on that socket while no worker accepts from it.
     for i in range(10):
         must_get(p, f"/during{i}")
-    assert wait_until(lambda: all_workers_listening(p, 2) and workers(p.proc.pid) != before,
-                      timeout=5), workers(p.proc.pid)
-    after = workers(p.proc.pid)
+    assert wait_until(lambda: all_workers_listening(p, 2) and worker_pids(p.proc.pid) != before,
+                      timeout=5), worker_pids(p.proc.pid)
+    after = worker_pids(p.proc.pid)
     assert victim not in after and (after - before), (before, after)
     replacement, = after - before
     assert listeners_of(replacement, p.port) == victim_sockets, "not the same socket handed over"
@@ -140,7 +115,7 @@ def test_rotation_per_worker_is_strict(cli, upstreams):
         r = must_get(p, f"/sep{i}")
         counts[port_of(r)] += 1
     assert all(abs(c - k) <= 1 for c in counts.values()), counts
-    stop_and_check_all_gone(p, workers(p.proc.pid))
+    stop_and_check_all_gone(p, worker_pids(p.proc.pid))
 
 
 def test_workers_auto_with_port_0(cli, upstreams):
@@ -152,13 +127,13 @@ def test_workers_auto_with_port_0(cli, upstreams):
     p = cli(args).wait_ready()
     assert wait_until(lambda: not refuses(p.port), timeout=5), p.stderr_text()
     expected = {len(os.sched_getaffinity(0)), os.cpu_count()}
-    assert wait_until(lambda: len(workers(p.proc.pid)) in expected
-                      and all_workers_listening(p, len(workers(p.proc.pid))), timeout=5), \
-        (workers(p.proc.pid), expected)
+    assert wait_until(lambda: len(worker_pids(p.proc.pid)) in expected
+                      and all_workers_listening(p, len(worker_pids(p.proc.pid))), timeout=5), \
+        (worker_pids(p.proc.pid), expected)
     for i in range(10):
         must_get(p, f"/auto{i}")
     assert sum(len(u.requests) for u in ups) == 10
-    stop_and_check_all_gone(p, workers(p.proc.pid))
+    stop_and_check_all_gone(p, worker_pids(p.proc.pid))
 
 
 def test_workers_sigterm_drains_in_flight_request(cli, upstreams):
@@ -167,14 +142,14 @@ def test_workers_sigterm_drains_in_flight_request(cli, upstreams):
     try:
         p = start(cli, [up], "--workers", "2")
         assert wait_until(lambda: all_workers_listening(p, 2), timeout=5), proc_children(p.proc.pid)
-        kids = workers(p.proc.pid)
+        kids = worker_pids(p.proc.pid)
         with RawClient(p.port) as busy:
             busy.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
             assert slow.arrived.wait(5)
             os.kill(p.proc.pid, signal.SIGTERM)
             # refused once the drain started, while the request is still in flight
             assert wait_until(lambda: refuses(p.port), timeout=3), (
-                f"still accepting 3 s after SIGTERM; workers {workers(p.proc.pid)}; "
+                f"still accepting 3 s after SIGTERM; workers {worker_pids(p.proc.pid)}; "
                 f"stderr:\n{p.stderr_text()}")
             slow.release.set()
             r = busy.response()
