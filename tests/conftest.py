@@ -184,6 +184,17 @@ def get(port: int, path: str = "/", headers: dict | None = None, method: str = "
 # Upstreams
 # ---------------------------------------------------------------------------------------------------
 
+def request(target: str, method: str = "GET", body: bytes | None = None, close: bool = False,
+            host: str = "test.local") -> bytes:
+    """Raw bytes of a small HTTP/1.1 request (Content-Length when there is a body)."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    if close:
+        lines.append("Connection: close")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
 class RecordedRequest:
     def __init__(self, method, target, version, fields, body):
         self.method, self.target, self.version = method, target, version

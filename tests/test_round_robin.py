@@ -12,18 +12,9 @@ from collections import Counter
 
 import pytest
 
-from conftest import RawClient, SlowUpstreamHandler, get
+from conftest import RawClient, SlowUpstreamHandler, get, request
 
 TIMEOUT = 5.0
-
-
-def request(target: str, method: str = "GET", body: bytes | None = None, close: bool = False) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: rr.test"]
-    if close:
-        lines.append("Connection: close")
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
 
 
 def served_by(resp, upstreams_by_port, method="GET", target=None):

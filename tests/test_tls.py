@@ -66,6 +66,7 @@ import load_balancer as lb
 from conftest import (SOCKET_TIMEOUT, RawClient, Upstream, UpstreamHandler, UpstreamServer,
                       default_handler, free_port, get, parse_head, port_of, read_head,
                       require_program, wait_until)
+from conftest import request as plain_request
 
 TIMEOUT = 5.0
 BIG = 5 * 1024 * 1024
@@ -192,12 +193,8 @@ class TLSClient(RawClient):
 
 
 def request(target: str, method: str = "GET", body: bytes | None = None, close: bool = False) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: localhost"]
-    if close:
-        lines.append("Connection: close")
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+    """conftest's request, to the host name the certificates name."""
+    return plain_request(target, method, body, close, host="localhost")
 
 
 def tls_get(port: int, context: ssl.SSLContext, target: str = "/"):
