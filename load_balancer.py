@@ -1444,6 +1444,13 @@ def monotonic_us() -> int:
     return int(time.monotonic() * 1e6)
 
 
+def panic_mode(states) -> bool:
+    """Envoy's panic threshold, at zero: no upstream is up, and some are out only because of
+    failed requests (not health checks, not an operator). Routing then tries those anyway."""
+    states = list(states)
+    return "up" not in states and "ejected" in states
+
+
 def code_index(status: int) -> int:
     index = CODE_INDEX.get(status)
     return len(STATUS_CODES) + min(max(status // 100, 1), 5) - 1 if index is None else index
@@ -1535,6 +1542,17 @@ class SharedState:
     def backend_set(self) -> list:
         with self.lock:
             return json.loads(bytes(self.config_area[:self.header[H_CONFIG_LENGTH]]) or b"[]")
+
+    def worker_died(self, index: int) -> None:
+        """A worker's process is gone (who calls: supervise, before it starts the next one): what
+        it had open is gone, what it counted stays, and it counts as a restart."""
+        counters = self.workers[index]
+        for gauge in (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN):
+            counters[gauge] = 0
+        for slot in range(MAX_UPSTREAMS + 1):
+            base = stats_base(slot)
+            counters[base + U_IN_FLIGHT] = counters[base + U_IDLE] = 0
+        counters[P_RESTARTS] += 1
 
     def bump(self, generation: int) -> None:
         with self.lock:
@@ -1697,16 +1715,6 @@ class WorkerStats:
             counters[bucket] += 1
             counters[base + U_LATENCY_SUM] += int(seconds * 1e6)
             counters[base + U_ATTEMPTS] += 1
-
-    def clear_gauges(self) -> None:
-        """For a worker that died: what it had open is gone; what it counted stays."""
-        counters = self.counters
-        with self.lock:
-            for gauge in (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN):
-                counters[gauge] = 0
-            for slot in range(MAX_UPSTREAMS + 1):
-                base = stats_base(slot)
-                counters[base + U_IN_FLIGHT] = counters[base + U_IDLE] = 0
 
 
 def stats_base(slot: int) -> int:
@@ -1895,7 +1903,7 @@ class RoundRobin:
             ejected = [b for slot, b in self.backends.items() if states[slot] == "ejected"]
             primary = smooth_weighted_cycle([b for b in up if not b.spec.backup])
             backup = smooth_weighted_cycle([b for b in up if b.spec.backup])
-            panic = not up and bool(ejected)
+            panic = panic_mode(states.values())
             if panic:
                 # Envoy's panic threshold: with every upstream out only by passive ejection, a 503
                 # for everyone is worse than trying them; the first request that succeeds ends it.
@@ -4435,7 +4443,7 @@ class Control:
                         "bytes_from_upstream": process[P_TUNNEL_BYTES_DOWN]},
             "bytes_received": process[P_RECEIVED],
             "bytes_sent": process[P_SENT],
-            "panic": "up" not in states and "ejected" in states,
+            "panic": panic_mode(states),
             "workers": [{"index": index, "pid": own[P_PID], "connections": own[P_CONNECTIONS],
                          "requests": own[P_RESPONSES], "restarts": own[P_RESTARTS]}
                         for index, own in enumerate(per_worker)],
@@ -4516,8 +4524,8 @@ class Control:
         out.family("lb_upstream_state", "gauge", "1 for an upstream's current routing state: up, "
                    "down (health checks), ejected (failed requests), drain or maint.")
         now_us = monotonic_us()
-        for slot, spec, _ in upstreams:
-            current = self.shared.routing_state(slot, now_us)
+        states = [self.shared.routing_state(slot, now_us) for slot, _, _ in upstreams]
+        for (slot, spec, _), current in zip(upstreams, states):
             for state in ROUTING_STATES:
                 out.sample("lb_upstream_state", int(state == current), upstream=spec.name, state=state)
         for name, kind, index, help_text in UPSTREAM_GAUGES:
@@ -4531,10 +4539,9 @@ class Control:
                    "upgrades), by direction.")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_UP], direction="client_to_upstream")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_DOWN], direction="upstream_to_client")
-        states = [self.shared.routing_state(slot, now_us) for slot, _, _ in upstreams]
         out.family("lb_panic_mode", "gauge", "1 while every upstream is out after failed requests "
                    "and requests are tried on them anyway.")
-        out.sample("lb_panic_mode", int("up" not in states and "ejected" in states))
+        out.sample("lb_panic_mode", int(panic_mode(states)))
         out.family("lb_workers", "gauge", "Worker processes.")
         out.sample("lb_workers", len(self.shared.workers))
         out.family("lb_start_time_seconds", "gauge", "When the balancer started, in Unix time.")
@@ -4788,7 +4795,8 @@ class Signals:
         return signals, [fd for fd in ready if fd != self.read_fd]
 
 
-def run_until_stopped(signals: Signals, drain, cut, reload=None, control_fd: int | None = None) -> None:
+def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload=None,
+                      control_fd: int | None = None) -> None:
     """A process's main loop. A stop signal starts `drain(timeout)` in a thread and a second TERM
     or INT calls `cut()`; HUP calls `reload()`; USR1 is logged. A worker also reads its control
     pipe: "D" drains, "S" stops now, and its end (the supervisor is gone) drains briefly. A stop
@@ -4796,7 +4804,6 @@ def run_until_stopped(signals: Signals, drain, cut, reload=None, control_fd: int
     worker as well as its supervisor's "D": that is one stop, not two."""
     stopper = None
     signalled = 0
-    drain_timeout = drain.__self__.config.drain_timeout
 
     def begin(timeout: float) -> None:
         nonlocal stopper
@@ -4870,7 +4877,7 @@ def serve(config: Config, ready=None) -> int:
     balancer.start()
     if ready:
         ready(balancer)
-    run_until_stopped(signals, balancer.close, balancer.cut, balancer.reload)
+    run_until_stopped(signals, balancer.close, balancer.cut, config.drain_timeout, balancer.reload)
     if lock is not None:
         lock.close()
     return 0
@@ -4962,7 +4969,7 @@ def supervise(config: Config, ready=None) -> int:
         workers[index] = WorkerProcess(index, config, shared, listeners[index], ready_write)
     os.close(ready_write)
     waiting = config.workers
-    stopping = None  # when set: the time the drain began
+    stopping = False
     while workers:
         arrived, readable = signals.wait(0.5, [ready_read] if waiting else [])
         if readable:
@@ -4970,15 +4977,15 @@ def supervise(config: Config, ready=None) -> int:
             waiting = waiting - len(data) if data else 0
             if not waiting:
                 os.close(ready_read)
-                if ready and stopping is None:
+                if ready and not stopping:
                     ready(config, control)
         for sig in arrived:
             if sig == signal.SIGHUP:
                 control.reload()
             elif sig == signal.SIGUSR1:
                 log.info("SIGUSR1: nothing to do (logs go to stderr)")
-            elif sig in STOP_SIGNALS and stopping is None:
-                stopping = time.monotonic()
+            elif sig in STOP_SIGNALS and not stopping:
+                stopping = True
                 log.info("%s: draining requests in flight (up to %gs)", signal.Signals(sig).name,
                          config.drain_timeout)
                 for worker in workers.values():
@@ -4995,14 +5002,11 @@ def supervise(config: Config, ready=None) -> int:
                 continue
             worker.close()
             del workers[index]
-            if stopping is not None:
+            if stopping:
                 continue
             log.warning("worker %d (pid %d) exited with %s; starting a new one", index, worker.process.pid,
                         f"signal {-code}" if code < 0 else f"code {code}")
-            stats = WorkerStats.__new__(WorkerStats)
-            stats.counters, stats.lock = shared.workers[index], threading.Lock()
-            stats.clear_gauges()
-            shared.workers[index][P_RESTARTS] += 1
+            shared.worker_died(index)
             if time.monotonic() - worker.started < 1:
                 time.sleep(1)  # a worker that dies at once would otherwise restart in a tight loop
             workers[index] = WorkerProcess(index, config, shared, listeners[index], -1)
@@ -5032,7 +5036,7 @@ def worker_process(spec: str) -> int:
     if ready_fd >= 0:
         os.write(ready_fd, b".")
         os.close(ready_fd)
-    run_until_stopped(signals, worker.close, worker.cut, control_fd=control_fd)
+    run_until_stopped(signals, worker.close, worker.cut, config.drain_timeout, control_fd=control_fd)
     logging.shutdown()
     return 0
 
