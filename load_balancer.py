@@ -306,6 +306,12 @@ class Config:
     def retry_conditions(self) -> frozenset:
         return frozenset(self.retry_on.split(","))
 
+    @property
+    def max_head_size(self) -> int:
+        """The most a message head may take: a start line and the header fields, each line with
+        its CRLF, and the empty line (the one limit read_head is given, both directions)."""
+        return self.max_request_line + self.max_header_size + 4
+
     def reloaded(self) -> Config:
         """The same settings with what a reload may change read again (--backends-file)."""
         return replace(self)
@@ -833,14 +839,30 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
-def error_response(status: int, detail: str, *, close: bool, extra: bytes = b"", head_only: bool = False) -> bytes:
-    """The one format for every response the balancer writes itself."""
-    phrase = HTTPStatus(status).phrase
-    body = f"{status} {phrase}: {detail}\n".encode("utf-8", "replace")
-    head = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Date: %s\r\n%s%s\r\n" % (status, phrase.encode(), len(body), http_date(), extra,
-                                       b"Connection: close\r\n" if close else b""))
+TEXT_PLAIN = b"text/plain; charset=utf-8"
+SERVER_FIELD = b"Server: load_balancer/%s\r\n" % __version__.encode()  # admin and redirect listeners
+
+
+def own_response(status: int, content_type: bytes, body: bytes, *, close: bool, extra: bytes = b"",
+                 head_only: bool = False) -> bytes:
+    """The one format of every response the balancer writes itself (its errors, the redirect
+    listener's 308, the admin listener's pages): `extra` holds the fields only that answer has
+    (Retry-After, Allow, Location), each ending in CRLF. `head_only`: the answer to a HEAD."""
+    head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n%s%s\r\n" % (
+        status, HTTPStatus(status).phrase.encode(), content_type, len(body), http_date(), extra,
+        b"Connection: close\r\n" if close else b""))
     return head if head_only else head + body
+
+
+def error_response(status: int, detail: str, *, close: bool, extra: bytes = b"", head_only: bool = False,
+                   as_json: bool = False) -> bytes:
+    """Every error the balancer answers itself: the status and a one-line reason, as text
+    (``503 Service Unavailable: no upstream is available``) or, for the admin API, as JSON."""
+    if as_json:
+        body, content_type = (json.dumps({"error": detail, "status": status}) + "\n").encode(), b"application/json"
+    else:
+        body, content_type = f"{status} {HTTPStatus(status).phrase}: {detail}\n".encode("utf-8", "replace"), TEXT_PLAIN
+    return own_response(status, content_type, body, close=close, extra=extra, head_only=head_only)
 
 
 # --- Reading a head and copying a body: one implementation for both directions ---------------------
@@ -1165,10 +1187,10 @@ class Stream:
         """Is there something to read (bytes, or the end) without waiting?"""
         return bool(unread(self.reader)) or self.readable_now()
 
-    def write_watching(self, data, answered, timeout: float) -> None:
-        """Write all of `data`, waiting for room as long as `timeout` allows, but raise
-        EarlyResponse(head) as soon as `answered()` returns a response head: an upstream that has
-        answered may never read the rest (who calls: ProxyHandler.write_upstream)."""
+    def write_watching(self, data, check_answer, timeout: float) -> None:
+        """Write all of `data`, waiting for room as long as `timeout` allows, calling
+        `check_answer()` (which raises EarlyResponse) whenever the peer has something to read: an
+        upstream that has answered may never read the rest (who calls: Upload.write)."""
         view = memoryview(data)
         sent = self.send_now(data, keep_gil=False)
         if sent == len(view):
@@ -1182,9 +1204,7 @@ class Stream:
             if not events:
                 raise socket.timeout("timed out")
             if events[0][1] & select.POLLIN:
-                head = answered()
-                if head is not None:
-                    raise EarlyResponse(head)
+                check_answer()
                 poller.modify(self.sock, select.POLLOUT)  # read what there was: the end, or no answer yet
             try:
                 sent += self.sock.send(view[sent:], MSG_DONTWAIT)
@@ -1213,6 +1233,13 @@ class Stream:
         """What can be read now; None when nothing waits, 0 at the end of the stream."""
         try:
             return self.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def recv_now(self, buffer) -> int | None:
+        """As read_nonblocking, on a blocking socket (one recv with MSG_DONTWAIT)."""
+        try:
+            return self.sock.recv_into(buffer, 0, MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
 
@@ -1267,7 +1294,7 @@ class TLSStream(Stream):
         finally:
             self.sock.settimeout(timeout)
 
-    def write_watching(self, data, answered, timeout: float) -> None:
+    def write_watching(self, data, check_answer, timeout: float) -> None:
         """As Stream.write_watching. A TLS record that did not fit is written again, the same
         bytes (OpenSSL's rule), after each short wait that finds no answer."""
         view = memoryview(data)
@@ -1281,9 +1308,7 @@ class TLSStream(Stream):
                     self.sock.sendall(piece)
                     view = view[len(piece):]
                 except socket.timeout:
-                    head = answered()
-                    if head is not None:
-                        raise EarlyResponse(head) from None
+                    check_answer()
                     if time.monotonic() >= deadline:
                         raise
         finally:
@@ -1312,6 +1337,10 @@ class TLSStream(Stream):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
 
+    def recv_now(self, buffer) -> int | None:
+        """Decoded bytes that wait above the socket; None otherwise (a TLS socket takes no flags)."""
+        return self.sock.recv_into(buffer) if self.sock.pending() else None
+
     def write_nonblocking(self, data) -> int:
         try:
             return self.sock.send(data)
@@ -1328,13 +1357,17 @@ class SocketReader(io.RawIOBase):
         self.stream = stream
         self.recv_into = stream.sock.recv_into  # bound once: one call less per read
         self.received = 0
-        self.watch = None  # called before each read, see ProxyHandler.wait_for_body
+        self.watch = None  # called before a read that would wait, see Upload.before_read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         if self.watch is not None:
+            n = self.stream.recv_now(buffer)
+            if n is not None:
+                self.received += n
+                return n
             self.watch(self.stream)
         try:
             n = self.recv_into(buffer)
@@ -1394,6 +1427,7 @@ def socket_reader(sock: socket.socket, size: int = READ_BUFFER) -> io.BufferedRe
 MAX_UPSTREAMS = 256  # distinct backend names over a balancer's life; slot 0 counts its own answers
 METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"other")
 METHOD_INDEX = {method: index for index, method in enumerate(METHODS[:-1])}
+OTHER_METHOD = len(METHODS) - 1
 STATUS_CODES = tuple(sorted({int(status) for status in HTTPStatus}))
 CODE_INDEX = {code: index for index, code in enumerate(STATUS_CODES)}
 N_CODES = len(STATUS_CODES) + 5  # codes without a name (299, 599) are counted per class: "2xx"
@@ -1412,11 +1446,12 @@ CONFIG_BYTES = 64 * 1024
 TLS_BYTES = 64 * 1024  # the certificate chain and key a reload checked, for every worker to load
 # Each upstream slot's state.
 (S_IN_USE, S_HEALTH, S_ADMIN, S_EJECTED_UNTIL, S_EJECTED_UNTIL_WALL, S_CONSECUTIVE_FAILURES,
- S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH) = range(11)
+ S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH, S_REASON_IS_EJECTION) = range(12)
 STATE_INTS = 12
 REASON_BYTES = 240
-HEALTH_STATES = ("unchecked", "up", "down")
-ADMIN_STATES = ("ready", "drain", "maint")
+HEALTH_STATES = ("unchecked", "up", "down")            # S_HEALTH's values, by name
+HEALTH_UNCHECKED, HEALTH_UP, HEALTH_DOWN = range(3)
+ADMIN_STATES = ("ready", "drain", "maint")             # S_ADMIN's values, by name
 # Each worker's block: its process, then one record per upstream slot.
 (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP, P_TUNNEL_BYTES_DOWN,
  P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(10)
@@ -1449,6 +1484,13 @@ def panic_mode(states) -> bool:
     failed requests (not health checks, not an operator). Routing then tries those anyway."""
     states = list(states)
     return "up" not in states and "ejected" in states
+
+
+def shown_state(routing: str) -> str:
+    """The state /status and the dashboard show for a routing state: an upstream out after failed
+    requests shows as down (HAProxy shows a server taken out by observe as DOWN too); the
+    `ejected` field tells the two apart."""
+    return "down" if routing == "ejected" else routing
 
 
 def code_index(status: int) -> int:
@@ -1582,12 +1624,13 @@ class SharedState:
         start = slot * REASON_BYTES
         return bytes(self.reasons[start:start + self.get(slot, S_REASON_LENGTH)]).decode("utf-8", "replace")
 
-    def _set_reason(self, slot: int, text: str, *, since: bool = True) -> None:
+    def _set_reason(self, slot: int, text: str, *, since: bool = True, ejection: bool = False) -> None:
         data = text.encode("utf-8", "replace")[:REASON_BYTES]
         start = slot * REASON_BYTES
         self.reasons[start:start + len(data)] = data
         base = slot * STATE_INTS
         self.states[base + S_REASON_LENGTH] = len(data)
+        self.states[base + S_REASON_IS_EJECTION] = ejection
         if since:
             self.states[base + S_SINCE] = int(time.time() * 1e6)
 
@@ -1604,7 +1647,7 @@ class SharedState:
         states = self.states
         if states[base + S_ADMIN]:
             return ADMIN_STATES[states[base + S_ADMIN]]
-        if states[base + S_HEALTH] == 2:
+        if states[base + S_HEALTH] == HEALTH_DOWN:
             return "down"
         if states[base + S_EJECTED_UNTIL] > now_us:
             return "ejected"
@@ -1625,9 +1668,13 @@ class SharedState:
             states[base + S_EJECTED_UNTIL_WALL] = int((time.time() + config.fail_timeout) * 1e6)
             states[base + S_EJECTIONS] += 1
             self._set_reason(slot, f"out for {config.fail_timeout:g}s after {failures} failed requests "
-                                   f"in a row, last: {detail}")
+                                   f"in a row, last: {detail}", ejection=True)
             self.header[H_GENERATION] += 1
         return True
+
+    def has_failures(self, slot: int) -> bool:
+        base = slot * STATE_INTS
+        return bool(self.states[base + S_CONSECUTIVE_FAILURES] or self.states[base + S_EJECTED_UNTIL])
 
     def record_success(self, slot: int) -> bool:
         """A request answered: the failure run ends, and so does an ejection (a request that went
@@ -1663,6 +1710,15 @@ class SharedState:
                 self._set_reason(slot, reason, since=changed)
             if changed:
                 self.header[H_GENERATION] += 1
+
+    def shown_reason(self, slot: int, routing: str) -> tuple[str, int]:
+        """The reason /status shows and since when (wall clock, us): an ejection whose time ran
+        out says so, though nothing has written a new reason since."""
+        base = slot * STATE_INTS
+        until_wall = self.states[base + S_EJECTED_UNTIL_WALL]
+        if routing == "up" and self.states[base + S_REASON_IS_EJECTION] and until_wall:
+            return "back in rotation: its fail timeout passed", until_wall
+        return self.reason(slot), self.states[base + S_SINCE]
 
     def set_admin(self, slot: int, state: str, reason: str) -> None:
         with self.lock:
@@ -1706,7 +1762,7 @@ class WorkerStats:
         answer and then scrapes /metrics finds it counted), and with it the try that got it;
         `seconds` since the request head."""
         index = CODE_INDEX.get(status)
-        cell = base + U_CODES + METHOD_INDEX.get(method, 7) * N_CODES + (
+        cell = base + U_CODES + METHOD_INDEX.get(method, OTHER_METHOD) * N_CODES + (
             code_index(status) if index is None else index)
         bucket = base + U_HISTOGRAM + bisect.bisect_left(LATENCY_BOUNDS, seconds)
         counters = self.counters
@@ -1752,12 +1808,16 @@ class Backend:
     def __repr__(self) -> str:
         return f"<Backend {self.name} {self.url}>"
 
+    def has_failures(self) -> bool:
+        """Failed requests in a row, or an ejection (even one that ran out): the next success
+        must be recorded (SharedState.record_success). Read without the lock, once a request."""
+        return self.shared.has_failures(self.slot)
+
     @property
     def state(self) -> str:
         """As /status says: up, down (by health checks, or ejected after failed requests), drain
         or maint."""
-        state = self.shared.routing_state(self.slot, monotonic_us())
-        return "down" if state == "ejected" else state
+        return shown_state(self.shared.routing_state(self.slot, monotonic_us()))
 
 
 class FailureLog:
@@ -1999,21 +2059,21 @@ class HealthChecker:
         self.runs[slot] = (passed, failed)
         health = shared.get(slot, S_HEALTH)
         new = None
-        if ok and health != 1 and (passed >= config.rise or health == 0):
-            new = 1
-        elif not ok and health != 2 and failed >= config.fall:
-            new = 2
+        if ok and health != HEALTH_UP and (passed >= config.rise or health == HEALTH_UNCHECKED):
+            new = HEALTH_UP
+        elif not ok and health != HEALTH_DOWN and failed >= config.fall:
+            new = HEALTH_DOWN
         end_ejection = ok and config.health_path is not None
-        if new == 1 and health == 2:
+        if new == HEALTH_UP and health == HEALTH_DOWN:
             reason = f"up: {passed} health check(s) passed, last: {detail}"
-        elif new == 2:
+        elif new == HEALTH_DOWN:
             reason = f"down: {failed} health check(s) failed in a row, last: {detail}"
         elif shared.routing_state(slot, monotonic_us()) in ("up", "down") or end_ejection:
             reason = f"health check {'passed' if ok else 'failed'}: {detail}"
         else:
             reason = None  # an ejection or an operator's state says more
         shared.record_check(slot, ok, new, reason, end_ejection=end_ejection)
-        if new == 2 or (new == 1 and health == 2):
+        if new == HEALTH_DOWN or (new == HEALTH_UP and health == HEALTH_DOWN):
             log.log(logging.INFO if ok else logging.WARNING, "upstream %s is %s: %s", spec.name,
                     "UP" if ok else "DOWN", reason)
 
@@ -2082,13 +2142,29 @@ class UpstreamError(Exception):
         self.kind, self.status, self.detail = kind, status, detail
 
 
-def classify(error: BaseException, config: Config, *, connecting: bool) -> UpstreamError:
-    """Every way an exchange with an upstream can fail, as one UpstreamError."""
+class ClientError(Exception):
+    """The client went away or broke the rules in the middle of a request. `status` and `detail`:
+    the answer it gets, if it can still be answered (None: nobody to answer)."""
+
+    def __init__(self, status: int | None = None, detail: str = ""):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def classify(error: BaseException, config: Config, *, phase: str) -> UpstreamError:
+    """Every way an exchange with an upstream can fail, as one UpstreamError. `phase`: "connect"
+    (making the connection), "response" (sending the request, waiting for the response head) or
+    "body" (copying the response body, after its head went to the client)."""
     if isinstance(error, UpstreamError):
         return error
     timed_out = isinstance(error, (socket.timeout, BlockingIOError)) or (
         isinstance(error, HTTPError) and error.status == 408)
-    if connecting:
+    if phase == "body":
+        if timed_out:
+            return UpstreamError("body", 502, f"the upstream sent no byte of the response body for "
+                                 f"{config.timeout:g}s (--timeout): the stream was idle and was cut")
+        return UpstreamError("body", 502, f"the upstream broke off the response body: {describe_os_error(error)}")
+    if phase == "connect":
         if timed_out:
             return UpstreamError("connect", 504, "the upstream did not accept a connection within "
                                  f"{config.connect_timeout:g}s")
@@ -2106,64 +2182,14 @@ def classify(error: BaseException, config: Config, *, connecting: bool) -> Upstr
 
 class EarlyResponse(Exception):
     """The upstream began its answer before the request body was all sent (a 413, a 401: nginx,
-    HAProxy and Go pass such an answer on). Not a failure; the connection is not reused."""
-
-
-class UpstreamResponse(http.client.HTTPResponse):
-    """http.client's response with its parse step replaced: the strict parser above instead of
-    email.parser (about ten times faster, and it refuses what RFC 9112 forbids), reading from the
-    connection's own buffered reader rather than a new one per response."""
-
-    def __init__(self, conn: UpstreamConnection, method: bytes):
-        super().__init__(conn, method=method.decode("ascii"))  # takes conn.makefile(): its reader
-        self.conn = conn
-        self.request_method = method
-        self.head: ResponseHead | None = None
-
-    def begin(self, interim=None, upgrade: bytes | None = None, head: bytes | None = None) -> None:
-        """Read the head of the final response within `timeout`, passing each interim (1xx) one
-        to `interim(head)`. A 101 is final only when `upgrade` (the protocol asked for) is set.
-        `head`: a final head already read (an early answer, see ProxyHandler.early_answer)."""
-        conn, config = self.conn, self.conn.config
-        deadline = time.monotonic() + config.timeout
-        for _ in range(MAX_INTERIM_RESPONSES + 1):
-            if head is None:
-                head = read_head(self.fp, config.max_request_line + config.max_header_size + 4,
-                                 config.max_request_line, deadline, conn.stream.set_timeout, response=True)
-            if head is None:
-                raise EOFError("closed the connection without answering")
-            parsed = parse_response_head(head, self.request_method, config)
-            if parsed.status == 101:
-                if upgrade is None:
-                    raise HTTPError(502, "switched protocols unasked (101)")
-                if comma_list(parsed.upgrade or [b""]) != comma_list([upgrade]):
-                    raise HTTPError(502, "switched to a protocol nobody asked for (101)")
-                break
-            if parsed.status >= 200:
-                break
-            if interim is not None:
-                interim(head)
-            head = None
-        else:
-            raise HTTPError(502, f"more than {MAX_INTERIM_RESPONSES} interim (1xx) responses")
-        conn.stream.set_timeout(config.timeout)
-        self.head = parsed
-        self.status, self.reason, self.version = parsed.status, parsed.reason.decode("latin-1"), parsed.version
-        self.headers = self.msg = Headers(parsed.fields)
-        self.chunked = parsed.framing == CHUNKED
-        self.length = parsed.length if parsed.framing == LENGTH else None
-        self.will_close = not parsed.keep_alive
-
-    def close(self) -> None:
-        self.fp = None  # the reader belongs to the connection, which outlives its responses
+    HAProxy and Go pass such an answer on). Not a failure; the connection is not reused. Its
+    argument: the ResponseHead, or the HTTPError that made it invalid."""
 
 
 class UpstreamConnection(http.client.HTTPConnection):
     """A keep-alive connection to one upstream. http.client opens it (connect timeout,
     TCP_NODELAY); an https:// upstream's certificate is then verified against its host name; the
     request head, validated on the way in, goes out with one send."""
-
-    response_class = UpstreamResponse
 
     def __init__(self, backend: Backend, config: Config):
         super().__init__(backend.host, backend.port, timeout=config.connect_timeout)
@@ -2180,10 +2206,6 @@ class UpstreamConnection(http.client.HTTPConnection):
             self.sock.settimeout(None)  # blocking, with kernel timeouts: see set_timeout
             self.stream = Stream(self.sock)
         self.stream.set_timeout(self.config.timeout)
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return self.stream.reader
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -2233,7 +2255,7 @@ class ConnectionPool:
             conn.connect()
         except (OSError, ValueError) as error:
             conn.close()
-            raise classify(error, self.config, connecting=True) from None
+            raise classify(error, self.config, phase="connect") from None
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -2263,13 +2285,232 @@ class ConnectionPool:
         self.close_idle()
 
 
+class Exchange:
+    """One try of one request on one upstream, as Transport.round_trip returns it: the connection
+    (with the response's bytes still to read), the response head, and `early`: the upstream
+    answered before the request body was all sent (the connection is then never reused)."""
+
+    __slots__ = ("backend", "conn", "head", "early")
+
+    def __init__(self, backend: Backend, conn: UpstreamConnection, head: ResponseHead, early: bool):
+        self.backend, self.conn, self.head, self.early = backend, conn, head, early
+
+
+class Transport:
+    """The exchange with an upstream (Go's RoundTripper): send one request, return the response
+    head on its connection, or raise one UpstreamError whose kind classify() named. Every rule
+    about upstream connections lives here: pooled or new, the stale-connection replay, the body
+    streamed while the upstream is watched for an early answer, 1xx answers, the response body's
+    copy and whether the connection goes back to the pool.
+
+    The client's side is reached through `client` (who calls: ProxyHandler, passing itself):
+    `client.rfile` is the body's source, `client.send(stream, data)` and
+    `client.outside_gate(call, *args)` write and wait without holding a place in the fair gate,
+    and `client.relay_interim(status)` passes a 100 Continue on. A client that breaks its body
+    raises ClientError, carrying the answer it deserves."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def round_trip(self, backend: Backend, request: Request, head: bytes, body: bytes | None,
+                   client: ProxyHandler) -> Exchange:
+        """Send `head` (the request head for this upstream) and the body: `body` when it arrived
+        whole (sent with the head, replayable), else streamed from the client. A pooled
+        connection that the upstream had closed meanwhile is replaced by a fresh one, once, if
+        replay is safe."""
+        expect = body is None and request.expect_continue
+        if body:
+            head += body
+        for attempt in (1, 2):
+            conn = None if request.upgrade else backend.pool.take_idle()
+            reused = conn is not None
+            if not reused:
+                conn = client.outside_gate(backend.pool.connect)
+            try:
+                early = None
+                if body is not None:
+                    client.send(conn.stream, head)
+                else:
+                    early = self.send_streaming(conn, head, request, client)
+                if early is None and not unread(conn.stream.reader):
+                    client.outside_gate(conn.stream.reader.peek, 1)  # the upstream's think time
+                response = early or self.read_response_head(
+                    conn, request, client.relay_interim if expect else None, wait=True)
+                conn.stream.set_timeout(self.config.timeout)
+                return Exchange(backend, conn, response, early is not None)
+            except (OSError, EOFError, HTTPError) as error:
+                conn.close()
+                stale = reused and not isinstance(error, (socket.timeout, BlockingIOError, HTTPError))
+                if stale and attempt == 1 and replayable(request):
+                    continue
+                raise classify(error, self.config, phase="response") from None
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def read_response_head(self, conn: UpstreamConnection, request: Request, interim,
+                           *, wait: bool) -> ResponseHead | None:
+        """The final response head, each interim (1xx) one before it passed to `interim(status)`
+        if given. A 101 is final only for an upgrade that was asked for, and only to that
+        protocol. `wait=False`: only what has arrived (None when no final head is there yet)."""
+        config, stream = self.config, conn.stream
+        deadline = time.monotonic() + config.timeout
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            if not wait and not stream.has_data():
+                return None
+            head = read_head(stream.reader, config.max_head_size, config.max_request_line, deadline,
+                             stream.set_timeout, response=True)
+            if head is None:
+                raise EOFError("closed the connection without answering")
+            response = parse_response_head(head, request.method, config)
+            if response.status == 101:
+                if request.upgrade is None:
+                    raise HTTPError(502, "switched protocols unasked (101)")
+                if comma_list(response.upgrade or [b""]) != comma_list([request.upgrade]):
+                    raise HTTPError(502, "switched to a protocol nobody asked for (101)")
+                return response
+            if response.status >= 200:
+                return response
+            if interim is not None:
+                interim(response.status)
+        raise HTTPError(502, f"more than {MAX_INTERIM_RESPONSES} interim (1xx) responses")
+
+    def early_answer(self, conn: UpstreamConnection, request: Request, client: ProxyHandler) -> ResponseHead | None:
+        """The upstream's final head if it has begun one while the body is still going up (a 1xx
+        before it goes to the client), else None: nothing yet, or nothing to pass on (a broken
+        connection is reported as such by whoever reads or writes next). An invalid head raises
+        HTTPError."""
+        try:
+            return self.read_response_head(conn, request, client.relay_interim, wait=False)
+        except (OSError, EOFError):
+            return None
+
+    def send_streaming(self, conn: UpstreamConnection, head: bytes, request: Request,
+                       client: ProxyHandler) -> ResponseHead | None:
+        """Send the head, then the body as it arrives, watching the upstream all along: an answer
+        that begins before the body ends (a 413, a 401) stops the upload and is returned."""
+        client.send(conn.stream, head)
+        upload = Upload(self, conn, request, client)
+        reader = client.rfile
+        reader.raw.watch = upload.before_read
+        buffer = copy_buffers.get()
+        try:
+            client.outside_gate(copy_body, reader, upload.write, request.framing, request.length, buffer,
+                                chunked_out=request.framing == CHUNKED, max_size=self.config.max_body_size)
+            return None
+        except EarlyResponse as answered:
+            answer = answered.args[0]
+            if isinstance(answer, HTTPError):
+                raise answer from None
+            return answer
+        except WriteError as error:
+            answer = self.early_answer(conn, request, client)  # it answered and closed: pass it on
+            if answer is not None:
+                return answer
+            raise error.__cause__ from None
+        except ReadError as error:
+            cause = error.__cause__
+            if isinstance(cause, HTTPError):
+                raise ClientError(cause.status, cause.detail) from None
+            if isinstance(cause, socket.timeout):
+                raise ClientError(408, f"no request body data for {self.config.idle_timeout:g}s") from None
+            raise ClientError() from None
+        finally:
+            reader.raw.watch = None
+            copy_buffers.put(buffer)
+
+    def copy_response_body(self, exchange: Exchange, write, *, chunked: bool) -> int:
+        """Copy the response body to `write` as it arrives (the payload length). The upstream
+        breaking it off raises UpstreamError("body"); the client going away, ClientError."""
+        head = exchange.head
+        buffer = copy_buffers.get()
+        try:
+            return copy_body(exchange.conn.stream.reader, write, head.framing, head.length, buffer,
+                             chunked_out=chunked)
+        except ReadError as error:
+            raise classify(error.__cause__, self.config, phase="body") from None
+        except WriteError:
+            raise ClientError() from None
+        finally:
+            copy_buffers.put(buffer)
+
+    @staticmethod
+    def finish(exchange: Exchange, request: Request, complete: bool) -> None:
+        """The connection back to the pool if the exchange ended cleanly, else closed. Bytes after
+        a complete response (a body on a 204, a second response nobody asked for) mean it is out
+        of step: reused, the next client would get them as its answer (response queue
+        poisoning). Nor one that answered before the request body was all sent: it may still
+        expect the rest."""
+        conn = exchange.conn
+        if complete and exchange.head.keep_alive and not exchange.early and not request.upgrade \
+                and not unread(conn.stream.reader):
+            exchange.backend.pool.release(conn)
+        else:
+            conn.close()
+
+
+class Upload:
+    """A request body on its way up, and the watch on the upstream that goes with it: who calls
+    `before_read` is the client's SocketReader before a read that would wait, `write` is
+    copy_body's. While the client's bytes keep coming, the upstream is looked at every
+    WATCH_EVERY pieces (a poll() per read cost a fifth of the upload rate); when the client
+    pauses, one poll() waits on both sockets."""
+
+    WATCH_EVERY = 16  # pieces of at most READ_BUFFER bytes: an early answer is seen within 1 MiB
+
+    def __init__(self, transport: Transport, conn: UpstreamConnection, request: Request, client: ProxyHandler):
+        self.transport, self.conn, self.request, self.client = transport, conn, request, client
+        self.poller = None
+        self.pieces = 0
+
+    def check_answer(self) -> None:
+        """Raise EarlyResponse if the upstream has begun its answer (an invalid one included)."""
+        try:
+            head = self.transport.early_answer(self.conn, self.request, self.client)
+        except HTTPError as error:
+            raise EarlyResponse(error) from None
+        if head is not None:
+            raise EarlyResponse(head)
+
+    def before_read(self, client: Stream) -> None:
+        """Wait for the client's next bytes, or raise EarlyResponse if the upstream answers first."""
+        if client.pending():
+            return
+        upstream = self.conn.stream
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(client.fileno(), select.POLLIN)
+            poller.register(upstream.fileno(), select.POLLIN)
+            if upstream.pending() or unread(upstream.reader):
+                self.check_answer()
+        deadline = time.monotonic() + self.transport.config.idle_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            events = dict(poller.poll(max(remaining, 0) * 1000))
+            if not events:
+                raise socket.timeout("timed out")
+            if upstream.fileno() in events:
+                self.check_answer()
+                # Readable without an answer: its end (the write that follows reports it) or TLS
+                # records of its own. Either way, nothing more to watch for there.
+                poller.unregister(upstream.fileno())
+            if client.fileno() in events:
+                return
+
+    def write(self, data) -> None:
+        """One piece of the body to the upstream, never blocked by an upstream that stopped
+        reading because it has answered (see Stream.write_watching)."""
+        self.pieces += 1
+        if not self.pieces % self.WATCH_EVERY and self.conn.stream.has_data():
+            self.check_answer()
+        self.conn.stream.write_watching(data, self.check_answer, self.transport.config.timeout)
+
+
 # ===================================================================================================
 # The request handler
 # ===================================================================================================
-
-class ClientError(Exception):
-    """The client went away or broke the rules mid-request; it has been answered if it could be."""
-
 
 class FairGate:
     """Runs request work in arrival order when many requests compete for the GIL.
@@ -2336,8 +2577,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     ProxyServer.process_request_thread, on the connection's own thread."""
 
     protocol_version = "HTTP/1.1"   # keep-alive; http.server speaks HTTP/1.0 by default
-    server_version = f"load_balancer/{__version__}"
-    sys_version = ""                # no "Python/3.x" in a Server field
     server: ProxyServer
 
     def setup(self) -> None:
@@ -2411,7 +2650,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         head = None
         try:
             try:
-                head = read_head(self.rfile, config.max_request_line + config.max_header_size + 4,
+                head = read_head(self.rfile, config.max_head_size,
                                  config.max_request_line, self.started + config.header_timeout,
                                  self.stream.set_timeout)
                 if head is None:
@@ -2431,7 +2670,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.headers = Headers(request.fields)
             self.close_connection = not request.keep_alive
             self.proxy(request)
-        except ClientError:
+        except ClientError as error:
+            if error.status is not None:
+                self.reject(error.status, error.detail)
             self.close_connection = True
         except OSError:
             self.close_connection = True
@@ -2468,7 +2709,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         one while that is safe; else answer 502, 503 or 504 through reject()."""
         self.continue_sent = False
         body = b"" if request.framing == NO_BODY else self.arrived_body(request)
-        balancer = self.server.balancer
+        balancer, transport = self.server.balancer, self.server.transport
         tried: list[Backend] = []
         failure = None
         while True:
@@ -2477,8 +2718,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 break
             self.in_flight_base = backend.stats_base  # in flight there until the request ends
             tried.append(backend)
+            head = headers_for_upstream(request, self.client_ip, backend.host_header, proto=self.stream.scheme,
+                                        expect=body is None and request.expect_continue)
             try:
-                conn, response, early = self.exchange(backend, request, body)
+                exchange = transport.round_trip(backend, request, head, body, self)
             except UpstreamError as error:
                 self.in_flight_base = None
                 retry = self.may_retry(request, error)
@@ -2488,10 +2731,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if retry:
                     continue
                 break
-            states, base = backend.states, backend.state_base
-            if states[base + S_CONSECUTIVE_FAILURES] or states[base + S_EJECTED_UNTIL]:
+            if backend.has_failures():
                 self.server.shared.record_success(backend.slot)
-            self.relay_response(backend, conn, response, request, early)
+            if exchange.head.status == 101:
+                self.tunnel(exchange, request)
+            else:
+                self.relay_response(exchange, request)
             return
         unread_body = request.framing != NO_BODY and body is None
         if failure is None:
@@ -2499,7 +2744,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.reject(503, "no upstream is available", close=unread_body,
                         extra=b"Retry-After: %d\r\n" % balancer.retry_after())
         else:
-            self.reject(failure.status, failure.detail, close=unread_body or failure.kind == "body")
+            self.reject(failure.status, failure.detail, close=unread_body)
 
     def upstream_failed(self, backend: Backend, error: UpstreamError) -> None:
         backend.failures.failed(error.kind, f"{self.command} {self.path} -> {backend.label}: {error.detail}")
@@ -2526,43 +2771,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return "empty-response" in conditions
         return error.kind == "timeout" and "response-timeout" in conditions
 
-    def exchange(self, backend: Backend, request: Request, body: bytes | None):
-        """Send the request and read the response head: (connection, response, early). `early`:
-        the upstream answered before the body was all sent. A pooled connection that the upstream
-        had closed meanwhile is replaced by a fresh one, once, if replay is safe. Every failure is
-        raised as an UpstreamError (see classify)."""
-        expect = body is None and request.expect_continue
-        head = headers_for_upstream(request, self.client_ip, backend.host_header,
-                                    proto=self.stream.scheme, expect=expect)
-        if body:
-            head += body
-        for attempt in (1, 2):
-            conn = None if request.upgrade else backend.pool.take_idle()
-            reused = conn is not None
-            if not reused:
-                conn = self.outside_gate(backend.pool.connect)
-            early_head = None
-            try:
-                if body is not None:
-                    self.send(conn.stream, head)
-                else:
-                    early_head = self.stream_request_body(conn, head, request)
-                if early_head is None and not unread(conn.stream.reader):
-                    self.outside_gate(conn.stream.reader.peek, 1)  # the upstream's think time
-                response = conn.response_class(conn, request.method)
-                response.begin(self.relay_interim if expect else None, request.upgrade, early_head)
-                return conn, response, early_head is not None
-            except (OSError, EOFError, HTTPError) as error:
-                conn.close()
-                stale = reused and not isinstance(error, (socket.timeout, BlockingIOError, HTTPError))
-                if stale and attempt == 1 and replayable(request):
-                    continue
-                raise classify(error, self.config, connecting=False) from None
-            except BaseException:
-                conn.close()
-                raise
-        raise AssertionError("unreachable")
-
     # -- the request body ---------------------------------------------------------------------
 
     def arrived_body(self, request: Request) -> bytes | None:
@@ -2576,8 +2784,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             arrived = unread(self.rfile) or len(self.outside_gate(self.rfile.peek, 1))
         except socket.timeout:
-            self.reject(408, f"no request body data for {self.config.idle_timeout:g}s")
-            raise ClientError() from None
+            raise ClientError(408, f"no request body data for {self.config.idle_timeout:g}s") from None
         except OSError:
             raise ClientError() from None
         if not arrived:
@@ -2589,124 +2796,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             decoded = decode_buffered_chunked(self.rfile.peek(1), SMALL_BODY)
         except HTTPError as error:
-            self.reject(error.status, error.detail)
-            raise ClientError() from None
+            raise ClientError(error.status, error.detail) from None
         if decoded is None:
             return None
         body, used = decoded
         if self.config.max_body_size and len(body) > self.config.max_body_size:
-            self.reject(413, f"request body larger than {self.config.max_body_size} bytes")
-            raise ClientError()
+            raise ClientError(413, f"request body larger than {self.config.max_body_size} bytes")
         self.rfile.read(used)
         request.framing, request.length = LENGTH, len(body)
         return body
 
-    def stream_request_body(self, conn: UpstreamConnection, head: bytes, request: Request) -> bytes | None:
-        """Send the head, then the body as it arrives, watching the upstream all along: an answer
-        that begins before the body ends (a 413, a 401) stops the upload and is returned (its head)
-        to be relayed; a 100 Continue is passed to the client, who may be waiting for it."""
-        self.send(conn.stream, head)
-        self.upstream = conn
-        self.body_poller = None
-        self.rfile.raw.watch = self.wait_for_body
-        buffer = copy_buffers.get()
-        try:
-            self.outside_gate(copy_body, self.rfile, self.write_upstream, request.framing, request.length,
-                              buffer, chunked_out=request.framing == CHUNKED, max_size=self.config.max_body_size)
-            return None
-        except EarlyResponse as answered:
-            return answered.args[0]
-        except WriteError as error:
-            head = self.early_answer(conn)  # an upstream that answered and closed: pass its answer on
-            if head is not None:
-                return head
-            raise error.__cause__ from None
-        except ReadError as error:
-            cause = error.__cause__
-            if isinstance(cause, HTTPError):
-                self.reject(cause.status, cause.detail)
-            elif isinstance(cause, socket.timeout):
-                self.reject(408, f"no request body data for {self.config.idle_timeout:g}s")
-            raise ClientError() from None
-        finally:
-            self.rfile.raw.watch = None
-            self.upstream = None
-            copy_buffers.put(buffer)
-
-    def early_answer(self, conn: UpstreamConnection) -> bytes | None:
-        """If the upstream has begun an answer, read its head: a 100 Continue goes to the client
-        (once) and the wait goes on; a final head is returned. None: nothing to read yet."""
-        stream = conn.stream
-        config = self.config
-        while stream.has_data():
-            try:
-                head = read_head(stream.reader, config.max_request_line + config.max_header_size + 4,
-                                 config.max_request_line, time.monotonic() + config.timeout,
-                                 stream.set_timeout, response=True)
-            except (OSError, HTTPError):
-                return None  # no answer to pass on: the failure is reported as such
-            if head is None:
-                return None
-            if head[9:10] == b"1" and head[9:12] != b"101":
-                self.relay_interim(head)
-                continue
-            return head
-        return None
-
-    def relay_interim(self, head: bytes) -> None:
+    def relay_interim(self, status: int) -> None:
         """An upstream's 100 Continue goes to a client that asked for it, once (RFC 9110 15.2.1:
-        other 1xx answers are dropped, as nginx does)."""
-        if head[9:12] == b"100" and not self.continue_sent and self.request_version == "HTTP/1.1":
+        other 1xx answers are dropped, as nginx does). Who calls: Transport."""
+        if status == 100 and not self.continue_sent and self.request_version == "HTTP/1.1":
             self.continue_sent = True
             self.client_write(CONTINUE)
 
-    def wait_for_body(self, client: Stream) -> None:
-        """Before each read of the request body from the socket: wait for the client's next
-        bytes, or raise EarlyResponse if the upstream answers first (who calls:
-        SocketReader.readinto). One poll() of both sockets a read."""
-        if client.pending():
-            return
-        upstream = self.upstream
-        poller = self.body_poller
-        if poller is None:
-            poller = self.body_poller = select.poll()
-            poller.register(client.fileno(), select.POLLIN)
-            poller.register(upstream.stream.fileno(), select.POLLIN)
-            if upstream.stream.pending() or unread(upstream.stream.reader):
-                head = self.early_answer(upstream)
-                if head is not None:
-                    raise EarlyResponse(head)
-        deadline = time.monotonic() + self.config.idle_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            events = dict(poller.poll(max(remaining, 0) * 1000))
-            if not events:
-                raise socket.timeout("timed out")
-            if upstream.stream.fileno() in events:
-                head = self.early_answer(upstream)
-                if head is not None:
-                    raise EarlyResponse(head)
-                # Readable without an answer: its end (the write that follows reports it) or TLS
-                # records of its own. Either way, nothing more to watch for there.
-                poller.unregister(upstream.stream.fileno())
-            if client.fileno() in events:
-                return
-
-    def write_upstream(self, data) -> None:
-        """One piece of the request body to the upstream (copy_body's write), never blocked by an
-        upstream that stopped reading because it has answered (see Stream.write_watching)."""
-        conn = self.upstream
-        conn.stream.write_watching(data, lambda: self.early_answer(conn), self.config.timeout)
-
     # -- the response -------------------------------------------------------------------------
 
-    def relay_response(self, backend: Backend, conn: UpstreamConnection, response: UpstreamResponse,
-                       request: Request, early: bool) -> None:
-        head = response.head
-        if head.status == 101:
-            return self.tunnel(backend, conn, response, request)
+    def relay_response(self, exchange: Exchange, request: Request) -> None:
+        backend, head = exchange.backend, exchange.head
         framing = head.framing
-        keep_alive = request.keep_alive and not self.server.draining and not early
+        keep_alive = request.keep_alive and not self.server.draining and not exchange.early
         chunked = False
         if framing == CHUNKED or framing == UNTIL_CLOSE:
             if request.version == b"HTTP/1.1":
@@ -2719,57 +2831,40 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.stats.response(backend.stats_base, request.method, head.status, time.monotonic() - self.started)
         done = False
         try:
-            if framing == NO_BODY or (framing == LENGTH and not head.length):
-                self.client_write(out)
-            else:
-                self.relay_body(conn, head, out, chunked)
+            self.relay_body(exchange, out, chunked)
             done = True
-        except ReadError as error:
-            failure = UpstreamError("body", 502, "the upstream broke off the response body: "
-                                                 f"{describe_os_error(error.__cause__)}")
-            self.stats.error(backend.stats_base, "body")
+        except UpstreamError as failure:
+            self.stats.error(backend.stats_base, failure.kind)
             self.upstream_failed(backend, failure)
-        except (WriteError, ClientError):
+        except ClientError:
             pass  # the client went away
         finally:
-            # Bytes after a complete response (a body on a 204, a second response nobody asked
-            # for) mean the connection is out of step: never reuse it, or the next client would
-            # get them as its answer (response queue poisoning). Nor one that answered before the
-            # request body was all sent: it may still expect the rest.
-            if done and head.keep_alive and not early and not unread(conn.stream.reader) \
-                    and not request.upgrade:
-                backend.pool.release(conn)
-            else:
-                conn.close()
-            response.close()
+            self.server.transport.finish(exchange, request, done)
         if not done or not keep_alive:
             self.close_connection = True
-        if early:
+        if exchange.early:
             self.linger = True  # the client may still be sending the body nobody reads
         if self.logging_access:
             self.log_request(head.status, backend)
 
-    def relay_body(self, conn: UpstreamConnection, head: ResponseHead, out: bytes, chunked: bool) -> None:
-        reader = conn.stream.reader
-        if head.framing == LENGTH and unread(reader) >= head.length:
-            self.client_write(out + reader.read(head.length))  # the body is here: one send
+    def relay_body(self, exchange: Exchange, out: bytes, chunked: bool) -> None:
+        """The head, then the body: in the same send when it has all arrived with the head."""
+        head, reader = exchange.head, exchange.conn.stream.reader
+        if head.framing == NO_BODY or (head.framing == LENGTH and unread(reader) >= head.length):
+            self.client_write(out + reader.read(head.length))
             return
         self.client_write(out)
-        buffer = copy_buffers.get()
-        try:
-            self.sent += self.outside_gate(copy_body, reader, self.stream.sendall, head.framing,
-                                           head.length, buffer, chunked_out=chunked)
-        finally:
-            copy_buffers.put(buffer)
+        self.sent += self.outside_gate(self.server.transport.copy_response_body, exchange,
+                                       self.stream.sendall, chunked=chunked)
 
-    def tunnel(self, backend: Backend, conn: UpstreamConnection, response: UpstreamResponse,
-               request: Request) -> None:
+    def tunnel(self, exchange: Exchange, request: Request) -> None:
         """After a 101, the connection is a byte tunnel both ways (Go's switchProtocolCopier), out
         of the fair gate, until either side closes or it idles past --tunnel-timeout."""
-        out = headers_for_client(response.head, chunked=False, keep_alive=True, http10=False,
+        conn = exchange.conn
+        out = headers_for_client(exchange.head, chunked=False, keep_alive=True, http10=False,
                                  upgrade=request.upgrade)
         self.head_sent = len(out)
-        self.stats.response(backend.stats_base, request.method, 101, time.monotonic() - self.started)
+        self.stats.response(exchange.backend.stats_base, request.method, 101, time.monotonic() - self.started)
         self.close_connection = True
         try:
             self.client_write(out)
@@ -2777,7 +2872,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             conn.close()
             return
         if self.logging_access:
-            self.log_request(101, backend)
+            self.log_request(101, exchange.backend)
         if self.gated:
             self.gated = False
             self.server.gate.leave(request_done=True)
@@ -2994,14 +3089,29 @@ class Tunnel:
 # Servers
 # ===================================================================================================
 
-class ProxyServer(ThreadingHTTPServer):
+class Listener(ThreadingHTTPServer):
+    """What every listener of the balancer has: IPv6 when its address is one, daemon threads, and
+    no reverse DNS look-up at bind (HTTPServer.server_bind's socket.getfqdn() is slow offline)."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, bind_and_activate: bool = True):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler, bind_and_activate)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class ProxyServer(Listener):
     """ThreadingHTTPServer with what a proxy needs: a deep listen backlog accepted in bursts,
     connection threads kept as spares for the next connections, a cap on connections (at the cap
     the longest-idle keep-alive connection makes room; 503 only when all are busy), TLS, and
     graceful draining. `listener`: a listening socket handed over by the supervisor, else it binds
     --host and --port itself."""
 
-    daemon_threads = True
     request_queue_size = 1024      # socketserver's 5 drops SYNs under load: 1 s client stalls
     allow_reuse_address = True
 
@@ -3022,6 +3132,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.cut_off = False          # cut() was called: a drain that begins later ends at once
         self.closer = LingeringCloser()
         self.gate = FairGate()
+        self.transport = Transport(config)
         self.spare_threads = 0        # connection threads waiting in handoff for a connection
         self.handoff: queue.SimpleQueue = queue.SimpleQueue()
         self.refusals = RateLimitedLog(f"connections refused: all {config.max_connections} "
@@ -3031,8 +3142,6 @@ class ProxyServer(ThreadingHTTPServer):
         self.tls_generation, pem = shared.tls_pem()
         if config.tls_cert:  # a worker started again after a reload loads what that reload checked
             self.tls = server_tls_context(config.tls_cert, config.tls_key, pem or None)
-        if ":" in config.host:
-            self.address_family = socket.AF_INET6
         if listener is None:
             super().__init__((config.host, config.port), ProxyHandler)
         else:
@@ -3041,11 +3150,6 @@ class ProxyServer(ThreadingHTTPServer):
             self.socket = listener
             self.server_address = listener.getsockname()
             self.socket.setblocking(False)
-
-    def server_bind(self) -> None:
-        # Not HTTPServer.server_bind: its socket.getfqdn() is a reverse DNS query, slow offline.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
 
     def server_activate(self) -> None:
         super().server_activate()
@@ -3362,6 +3466,10 @@ class LingeringCloser:
             self.pending.clear()
 
 
+# Every answer of the admin listener: never cached, its type never guessed.
+ADMIN_FIELDS = SERVER_FIELD + b"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+
+
 class AdminHandler(BaseHTTPRequestHandler):
     """The admin listener (in the process that owns the balancer: the supervisor with workers):
     ``GET /`` the dashboard, ``GET /status`` JSON, ``GET /metrics`` Prometheus text, and
@@ -3369,8 +3477,6 @@ class AdminHandler(BaseHTTPRequestHandler):
     405 with Allow. Nothing is cached (Cache-Control: no-store). Errors on API paths are JSON."""
 
     protocol_version = "HTTP/1.1"
-    server_version = f"load_balancer/{__version__}"
-    sys_version = ""
     disable_nagle_algorithm = True  # head and body are two sends: no 40 ms delayed-ACK wait
     timeout = 30
     server: AdminServer
@@ -3399,34 +3505,34 @@ class AdminHandler(BaseHTTPRequestHandler):
         control = self.server.control
         if path in ("/", "/index.html"):
             allowed, page = ("GET", "HEAD"), lambda: (
-                "text/html; charset=utf-8", render_dashboard(control.status(history=False)).encode())
+                b"text/html; charset=utf-8", render_dashboard(control.status(history=False)).encode())
         elif path in ("/status", "/status/"):
             allowed, page = ("GET", "HEAD"), lambda: (
-                "application/json", (json.dumps(control.status(history="history=1" in query.split("&")),
-                                                indent=2) + "\n").encode())
+                b"application/json", (json.dumps(control.status(history="history=1" in query.split("&")),
+                                                 indent=2) + "\n").encode())
         elif path == "/metrics":
             allowed, page = ("GET", "HEAD"), lambda: (
-                "text/plain; version=0.0.4; charset=utf-8", control.metrics().encode())
+                b"text/plain; version=0.0.4; charset=utf-8", control.metrics().encode())
         elif path.startswith("/backends/"):
             return self.backend_action(path)
         else:
-            return self.answer(404, "text/plain; charset=utf-8",
-                               b"404 Not Found: try /, /status or /metrics\n")
+            return self.error(404, "try /, /status or /metrics", api=False)
         if self.command not in allowed:
             return self.not_allowed(allowed, api=path != "/")
         content_type, body = page()
-        self.answer(200, content_type, body)
+        self.answer(own_response(200, content_type, body, close=self.close_connection, extra=ADMIN_FIELDS,
+                                 head_only=self.command == "HEAD"), 200)
 
     def backend_action(self, path: str) -> None:
         parts = path.split("/")
         if len(parts) != 4 or parts[3] not in self.ACTIONS:
-            return self.json_error(404, f"no such endpoint {path!r}: POST /backends/<name>/drain, "
-                                        "/maint or /ready")
+            return self.error(404, f"no such endpoint {path!r}: POST /backends/<name>/drain, "
+                                   "/maint or /ready")
         if self.command != "POST":
             return self.not_allowed(("POST",), api=True)
         refusal = self.refuse_post()
         if refusal:
-            return self.json_error(*refusal)
+            return self.error(*refusal)
         length = self.headers.get("Content-Length")
         if length and length.isdigit() and int(length) <= 65536:
             self.rfile.read(int(length))
@@ -3435,8 +3541,9 @@ class AdminHandler(BaseHTTPRequestHandler):
         name = urllib.parse.unquote(parts[2])
         result = self.server.control.set_state(name, parts[3])
         if result is None:
-            return self.json_error(404, f"no backend named {name!r}")
-        self.answer(200, "application/json", (json.dumps(result, indent=2) + "\n").encode())
+            return self.error(404, f"no backend named {name!r}")
+        self.answer(own_response(200, b"application/json", (json.dumps(result, indent=2) + "\n").encode(),
+                                 close=self.close_connection, extra=ADMIN_FIELDS), 200)
 
     def refuse_post(self) -> tuple[int, str] | None:
         """Any web page a browser opens can POST to 127.0.0.1: a request from another origin is
@@ -3454,37 +3561,25 @@ class AdminHandler(BaseHTTPRequestHandler):
         return None
 
     def not_allowed(self, allowed: tuple, *, api: bool) -> None:
-        detail = f"{self.command} is not allowed here; allowed: {', '.join(allowed)}"
-        extra = {"Allow": ", ".join(allowed)}
-        if api:
-            return self.json_error(405, detail, extra)
-        self.answer(405, "text/plain; charset=utf-8", f"405 Method Not Allowed: {detail}\n".encode(), extra)
+        self.error(405, f"{self.command} is not allowed here; allowed: {', '.join(allowed)}", api=api,
+                   extra=b"Allow: %s\r\n" % ", ".join(allowed).encode())
 
-    def json_error(self, status: int, detail: str, extra: dict | None = None) -> None:
-        extra = dict(extra or {})
+    def error(self, status: int, detail: str, *, api: bool = True, extra: bytes = b"") -> None:
+        """An error answer: JSON on the API's paths, text elsewhere."""
         if status == 401:
-            extra["WWW-Authenticate"] = 'Bearer realm="load_balancer admin"'
-        body = (json.dumps({"error": detail, "status": status}) + "\n").encode()
-        self.answer(status, "application/json", body, extra)
+            extra += b'WWW-Authenticate: Bearer realm="load_balancer admin"\r\n'
+        self.answer(error_response(status, detail, close=self.close_connection, extra=ADMIN_FIELDS + extra,
+                                   head_only=self.command == "HEAD", as_json=api), status)
 
-    def answer(self, status: int, content_type: str, body: bytes, extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    def answer(self, response: bytes, status: int) -> None:
+        self.log_request(status)
+        self.wfile.write(response)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (a malformed request line) in the same plain-text form."""
+        """http.server's own errors (a malformed request line) in the same form."""
         self.close_connection = True
         try:
-            self.answer(code, "text/plain; charset=utf-8",
-                        f"{code} {HTTPStatus(code).phrase}: {message or ''}\n".encode("utf-8", "replace"))
+            self.error(code, message or HTTPStatus(code).phrase, api=False)
         except OSError:
             pass
 
@@ -3492,17 +3587,12 @@ class AdminHandler(BaseHTTPRequestHandler):
         log.debug("admin: %s " + format, self.client_address[0], *args)
 
 
-class AdminServer(ThreadingHTTPServer):
-    daemon_threads = True
+class AdminServer(Listener):
     request_queue_size = 64
 
     def __init__(self, address, control: Control):
         self.control = control
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)
-
-    server_bind = ProxyServer.server_bind
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error on the admin connection from %s", client_address[0])
@@ -3513,8 +3603,6 @@ class RedirectHandler(BaseHTTPRequestHandler):
     that keeps the method, RFC 9110 section 15.4.9)."""
 
     protocol_version = "HTTP/1.1"
-    server_version = f"load_balancer/{__version__}"
-    sys_version = ""
     disable_nagle_algorithm = True
     timeout = 10
 
@@ -3532,31 +3620,19 @@ class RedirectHandler(BaseHTTPRequestHandler):
         port = self.server.https_port
         target = self.path if self.path.startswith("/") else "/"
         location = f"https://{name}{'' if port == 443 else f':{port}'}{target}"
-        body = f"308 Permanent Redirect: {location}\n".encode()
-        self.send_response(308)
-        self.send_header("Location", location)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self.log_request(308)
+        self.wfile.write(error_response(308, location, close=True, head_only=self.command == "HEAD",
+                                        extra=SERVER_FIELD + b"Location: %s\r\n" % location.encode("latin-1")))
         self.close_connection = True
 
     def log_message(self, format: str, *args) -> None:
         log.debug("redirect: %s " + format, self.client_address[0], *args)
 
 
-class RedirectServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class RedirectServer(Listener):
     def __init__(self, address, https_port: int):
         self.https_port = https_port
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
         super().__init__(address, RedirectHandler)
-
-    server_bind = ProxyServer.server_bind
 
 
 # ===================================================================================================
@@ -4395,13 +4471,10 @@ class Control:
             record = per_slot[slot]
             routing = self.shared.routing_state(slot, now_us)
             states.append(routing)
-            reason, since = self.shared.reason(slot), self.shared.get(slot, S_SINCE)
-            until_wall = self.shared.get(slot, S_EJECTED_UNTIL_WALL)
-            if routing == "up" and reason.startswith("out for ") and until_wall:
-                reason, since = "back in rotation: its fail timeout passed", until_wall
+            reason, since = self.shared.shown_reason(slot, routing)
             backends.append({
                 "name": spec.name, "url": spec.url, "weight": spec.weight, "backup": spec.backup,
-                "state": "down" if routing == "ejected" else routing,
+                "state": shown_state(routing),
                 "health": HEALTH_STATES[self.shared.get(slot, S_HEALTH)] if self.config.health_interval
                 else "unchecked",
                 "admin": ADMIN_STATES[self.shared.get(slot, S_ADMIN)],
