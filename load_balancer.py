@@ -100,6 +100,8 @@ SERVER_URLS = [
 log = logging.getLogger("load_balancer")
 access_log = logging.getLogger("load_balancer.access")
 
+# --- Tunables: the limits and intervals that are not settings (Config), each with its reason -------
+
 # Bodies never sit in memory whole: they are copied in pieces of at most READ_BUFFER bytes, through
 # buffers reused across requests. A copy buffer is never larger than the socket reader's own: then
 # BufferedReader.readinto1 returns what is buffered without waiting for more (with a larger one, it
@@ -113,29 +115,43 @@ MAX_INTERIM_RESPONSES = 10       # 1xx responses skipped before a final one; mor
 MAX_LEADING_EMPTY_LINES = 8      # CRLFs tolerated before a request line (RFC 9112 section 2.2)
 THREAD_STACK_SIZE = 512 * 1024   # per connection thread; the default 8 MiB reserves too much
 # Above GATE_THRESHOLD requests in flight, at most GATE_SLOTS threads run request code at once, in
-# arrival order (see FairGate). Measured here, wrk with 256 connections: p99 2.7-3.5 s without the
-# gate, 0.1-0.3 s with it (fewer slots: shorter tail, fewer requests/s; 4 was the best trade).
-# Below the threshold the gate costs one uncontended lock per pass: 32 connections lose nothing.
-# Threshold 32 rather than 64, same session: p99 at 64 connections 11.5 ms instead of 113 ms, at
-# 128 connections 94 ms instead of 376 ms, for about the same requests/s.
+# arrival order (see FairGate): without the gate, CPython's unfair GIL gives some requests seconds
+# of p99 under hundreds of connections. Fewer slots shorten the tail and cost requests/s; below the
+# threshold the gate is one uncontended lock a pass, so moderate loads pay nothing; the threshold
+# is as low as it can be without taxing 32 connections (measurements: README, "Performance").
 GATE_SLOTS = 4
 GATE_THRESHOLD = 32
 # A connection thread that has finished waits this long for the next connection, and up to
-# SPARE_THREADS of them wait (Apache's spare threads): starting a thread costs 55-150 us here, and
-# under load the accept loop then waits for the GIL once per connection. Measured with wrk opening
-# 256 connections at once, same session: p99 137-203 ms with a thread started per connection,
-# 67-86 ms with spare threads and burst accept.
+# SPARE_THREADS of them wait (Apache's spare threads): starting a thread costs 55-150 us, and under
+# load the accept loop would wait for the GIL once per connection (a burst of connects: about
+# half the p99 with spares, see README).
 SPARE_THREADS = 256
 SPARE_THREAD_SECONDS = 60.0
 MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # Linux: EPIPE instead of SIGPIPE, whoever embeds us
 SEND_NOW_FLAGS = int(MSG_DONTWAIT | MSG_NOSIGNAL)   # an int: "|" on the socket module's flags is an enum call
 TCP_INFO = getattr(socket, "TCP_INFO", 0)  # Linux: struct tcp_info, see is_reusable
-TCP_ESTABLISHED = 1
+TCP_ESTABLISHED = 1              # tcpi_state's value for an open connection (the struct's first byte)
+TCP_INFO_LENGTH = 136            # struct tcp_info up to tcpi_bytes_received (Linux 4.1+) ...
+TCPI_BYTES_RECEIVED = slice(128, 136)  # ... a u64 at offset 128
 LOG_SUMMARY_SECONDS = 5.0        # a failure that repeats is logged once, then summarised this often
 GAUGE_SECONDS = 0.25             # how often a worker writes its gauges and byte totals to the shared block
 LINGER_SECONDS = 30.0            # see linger_close: nginx's lingering_time and lingering_timeout
 LINGER_IDLE_SECONDS = 5.0
+REFUSED_LINGER_SECONDS = 2.0     # a connection refused at accept: read what it still sends this long
+REFUSED_LINGER_MOST = 512        # ... at most this many at once (a flood is closed at once)
+COPY_BUFFERS_KEPT = 32           # idle copy buffers kept per process (BufferPool)
+UPLOAD_WATCH_EVERY = 16          # body pieces between looks at the upstream for an early answer
+MAX_UPSTREAMS = 256              # distinct backend names over a balancer's life (the shared block's slots)
+SAMPLE_SECONDS = 1               # /status history and the dashboard's charts: one sample a second
+HISTORY_SAMPLES = 300            # five minutes of them
+ORPHAN_DRAIN_SECONDS = 1.0       # a worker whose supervisor died drains this long at most
+ADMIN_TIMEOUT_SECONDS = 30       # an admin or redirect connection idle longer is closed: each holds
+REDIRECT_TIMEOUT_SECONDS = 10    # a thread, and neither listener has the proxy's connection cap
+ADMIN_MAX_LINE = 65536           # http.server's own request-line limit, kept for the admin listener
+ADMIN_MAX_BODY = 65536           # an admin POST's body (none is needed) is read and dropped up to this
+REDIRECT_MAX_LINE = 8192         # the redirect listener's request line (nginx's default buffer)
+HEALTH_MAX_BODY = 65536          # of a health check's answer, read so that the connection ends cleanly
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
 
 
@@ -197,8 +213,7 @@ class Config:
         tuple(SERVER_URLS), "upstream URL[,weight=N][,backup][,name=NAME], repeatable; replaces "
         f"SERVER_URLS ({', '.join(SERVER_URLS)})", flag="--backend", metavar="BACKEND", reload=True)
     backends_file: str | None = setting(
-        None, "file with one backend per line (same syntax, # comments); read again on SIGHUP",
-        metavar="FILE", reload=True)
+        None, "file with one backend per line (same syntax, # comments)", metavar="FILE", reload=True)
     host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(8080, "port to listen on (0: any free port)", type=int, check=port_number)
     workers: int = setting(1, "processes sharing the port; 'auto' = one per CPU", type=worker_count,
@@ -238,8 +253,8 @@ class Config:
     max_connections: int = setting(1024, "concurrent client connections per worker; at the cap the "
                                    "longest-idle keep-alive one is closed, 503 when all are busy",
                                    group="client side", type=int, check=at_least_one)
-    tls_cert: str | None = setting(None, "certificate chain (PEM): the listener speaks HTTPS; read "
-                                   "again on SIGHUP", group="client side", metavar="FILE", reload=True)
+    tls_cert: str | None = setting(None, "certificate chain (PEM): the listener speaks HTTPS",
+                                   group="client side", metavar="FILE", reload=True)
     tls_key: str | None = setting(None, "private key (PEM) for --tls-cert", group="client side",
                                   metavar="FILE", reload=True)
     redirect_http_port: int | None = setting(None, "with --tls-cert: a plain-HTTP port that answers "
@@ -276,10 +291,18 @@ class Config:
     log_level: str = setting("info", "logging level", group="operations",
                              choices=("debug", "info", "warning", "error"))
 
+    # Derived in __post_init__, not a setting: the parsed --backend list.
+    backend_specs: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    @classmethod
+    def settings(cls) -> list:
+        """The settings (the dataclass fields a flag sets), in declaration order."""
+        return [item for item in fields(cls) if item.init]
+
     def __post_init__(self):
         """Refuse impossible settings with a one-line reason naming the flag (ValueError), and
         read --backends-file (its errors name the line)."""
-        for item in fields(self):
+        for item in self.settings():
             check, choices = item.metadata.get("check"), item.metadata.get("choices")
             value = getattr(self, item.name)
             if value is None:
@@ -564,6 +587,17 @@ def comma_list(values: list[bytes]) -> list[bytes]:
     return [item.strip(b" \t").lower() for value in values for item in value.split(b",")]
 
 
+def connection_tokens(values: dict) -> frozenset:
+    """The Connection field's options, lowercase (RFC 9110 section 7.6.1)."""
+    return frozenset(comma_list(values[b"connection"])) if b"connection" in values else frozenset()
+
+
+def keeps_alive(http11: bool, tokens: frozenset) -> bool:
+    """Does the connection stay open after this message (RFC 9112 section 9.3)? HTTP/1.1: unless
+    it says close; HTTP/1.0: only if it says keep-alive (RFC 2068 section 19.7.1)."""
+    return b"close" not in tokens and (http11 or b"keep-alive" in tokens)
+
+
 def parse_content_length(values: list[bytes], *, allow_repeats: bool) -> int:
     """RFC 9110 section 8.6. A request may carry one Content-Length, as nginx requires; a response
     may repeat the same value (RFC 9110 allows recipients to accept that), never differing ones."""
@@ -639,12 +673,8 @@ def parse_request_head(head: bytes, config: Config) -> Request:
     # RFC 9112 section 3.2.2: the authority of an absolute-form target replaces Host.
     request.host = authority or (hosts[0] if hosts else None)
 
-    tokens = frozenset(comma_list(values[b"connection"])) if b"connection" in values else frozenset()
-    request.connection_tokens = tokens
-    if version == b"HTTP/1.1":
-        request.keep_alive = b"close" not in tokens
-    else:
-        request.keep_alive = b"keep-alive" in tokens and b"close" not in tokens
+    request.connection_tokens = tokens = connection_tokens(values)
+    request.keep_alive = keeps_alive(version == b"HTTP/1.1", tokens)
     request.framing, request.length = request_framing(values, version, config.max_body_size)
 
     request.expect_continue = False
@@ -742,10 +772,8 @@ def parse_response_head(head: bytes, request_method: bytes, config: Config) -> R
         response.fields = fields
         response.has_date = b"date" in values
         response.upgrade = values.get(b"upgrade")
-        tokens = frozenset(comma_list(values[b"connection"])) if b"connection" in values else frozenset()
-        response.connection_tokens = tokens
-        response.keep_alive = (b"close" not in tokens if response.version == 11
-                               else b"keep-alive" in tokens and b"close" not in tokens)
+        response.connection_tokens = tokens = connection_tokens(values)
+        response.keep_alive = keeps_alive(response.version == 11, tokens)
         te = values.get(b"transfer-encoding")
         cl = values.get(b"content-length")
         response.content_length = None if cl is None else parse_content_length(cl, allow_repeats=True)
@@ -1045,36 +1073,22 @@ def _skip_trailer(reader, max_trailer: int) -> None:
 
 def decode_buffered_chunked(data: bytes, limit: int) -> tuple[bytes, int] | None:
     """A chunked body that is complete in `data` (already received): (decoded body, bytes it
-    took), or None when it is not all there or decodes to more than `limit` bytes. Checked as
-    strictly as copy_body checks it (HTTPError)."""
+    took), or None when it is not all there or decodes to more than `limit` bytes. Decoded by
+    copy_body itself, so exactly as strictly (HTTPError): an error found at the end of `data` only
+    means the rest has not arrived."""
+    reader = io.BytesIO(data)
     body = bytearray()
-    position = 0
-    while True:
-        line_end = data.find(b"\r\n", position, position + MAX_CHUNK_LINE)
-        if line_end < 0:
-            if len(data) - position >= MAX_CHUNK_LINE:
-                raise HTTPError(400, "chunk size line too long")
+    buffer = copy_buffers.get()
+    try:
+        copy_body(reader, body.extend, CHUNKED, 0, buffer, chunked_out=False, max_size=limit)
+    except ReadError as error:
+        cause = error.__cause__
+        if reader.tell() >= len(data) or isinstance(cause, HTTPError) and cause.status == 413:
             return None
-        size = parse_chunk_size(data[position:line_end + 2])
-        position = line_end + 2
-        if not size:
-            break
-        if len(body) + size > limit or len(data) < position + size + 2:
-            return None
-        body += data[position:position + size]
-        if data[position + size:position + size + 2] != b"\r\n":
-            raise HTTPError(400, "chunk data not followed by CRLF")
-        position += size + 2
-    while True:  # the trailer section, checked and dropped
-        line_end = data.find(b"\r\n", position)
-        if line_end < 0:
-            return None
-        line = data[position:line_end]
-        position = line_end + 2
-        if not line:
-            return bytes(body), position
-        check_head_bytes(line + b"\r\n")
-        parse_fields([b"", line], frozenset(), 1)
+        raise cause from None
+    finally:
+        copy_buffers.put(buffer)
+    return bytes(body), reader.tell()
 
 
 # ===================================================================================================
@@ -1171,10 +1185,10 @@ class Stream:
         ESTABLISHED and the kernel must have received no byte that was not read
         (tcpi_bytes_received, Linux 4.1+). Elsewhere poll(0) says whether anything is waiting."""
         if TCP_INFO:
-            info = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 136)
-            if len(info) >= 136:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_LENGTH)
+            if len(info) >= TCP_INFO_LENGTH:
                 return info[0] == TCP_ESTABLISHED and (
-                    int.from_bytes(info[128:136], sys.byteorder) == self.reader.raw.received)
+                    int.from_bytes(info[TCPI_BYTES_RECEIVED], sys.byteorder) == self.reader.raw.received)
         return not self.readable_now()
 
     def readable_now(self) -> bool:
@@ -1388,7 +1402,7 @@ def unread(reader: io.BufferedReader) -> int:
 class BufferPool:
     """Copy buffers reused across requests: streaming a body allocates nothing per request."""
 
-    def __init__(self, size: int = READ_BUFFER, keep: int = 32):
+    def __init__(self, size: int = READ_BUFFER, keep: int = COPY_BUFFERS_KEPT):
         self.size, self.keep = size, keep
         self._free: list = []
 
@@ -1406,11 +1420,6 @@ class BufferPool:
 copy_buffers = BufferPool()
 
 
-def socket_reader(sock: socket.socket, size: int = READ_BUFFER) -> io.BufferedReader:
-    """A reader over a plain socket (tests and tools)."""
-    return io.BufferedReader(SocketReader(Stream(sock)), size)
-
-
 
 # ===================================================================================================
 # Shared state: one block of memory for every process of a balancer
@@ -1424,7 +1433,6 @@ def socket_reader(sock: socket.socket, size: int = READ_BUFFER) -> io.BufferedRe
 # processes (each block has one writing process); state changes are rare and take SharedLock.
 # With one worker the same block is private memory of one process.
 
-MAX_UPSTREAMS = 256  # distinct backend names over a balancer's life; slot 0 counts its own answers
 METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"other")
 METHOD_INDEX = {method: index for index, method in enumerate(METHODS[:-1])}
 OTHER_METHOD = len(METHODS) - 1
@@ -2097,7 +2105,7 @@ class HealthChecker:
                     "Host": spec.netloc, "Connection": "close",
                     "User-Agent": f"load_balancer/{__version__} health-check"})
                 response = conn.getresponse()
-                response.read(65536)
+                response.read(HEALTH_MAX_BODY)
             finally:
                 conn.close()
             return 200 <= response.status < 400, f"HTTP {response.status} from {config.health_path}"
@@ -2454,10 +2462,9 @@ class Upload:
     """A request body on its way up, and the watch on the upstream that goes with it: who calls
     `before_read` is the client's SocketReader before a read that would wait, `write` is
     copy_body's. While the client's bytes keep coming, the upstream is looked at every
-    WATCH_EVERY pieces (a poll() per read cost a fifth of the upload rate); when the client
+    UPLOAD_WATCH_EVERY pieces (a poll() per read cost a fifth of the upload rate); when the client
     pauses, one poll() waits on both sockets."""
 
-    WATCH_EVERY = 16  # pieces of at most READ_BUFFER bytes: an early answer is seen within 1 MiB
 
     def __init__(self, transport: Transport, conn: UpstreamConnection, request: Request, client: ProxyHandler):
         self.transport, self.conn, self.request, self.client = transport, conn, request, client
@@ -2503,7 +2510,7 @@ class Upload:
         """One piece of the body to the upstream, never blocked by an upstream that stopped
         reading because it has answered (see Stream.write_watching)."""
         self.pieces += 1
-        if not self.pieces % self.WATCH_EVERY and self.conn.stream.has_data():
+        if not self.pieces % UPLOAD_WATCH_EVERY and self.conn.stream.has_data():
             self.check_answer()
         self.conn.stream.write_watching(data, self.check_answer, self.transport.config.timeout)
 
@@ -2933,17 +2940,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.logging_access:
             self.log_request(status, None)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's error hook, routed to the one error path."""
-        self.reject(code, message or HTTPStatus(code).phrase)
-
-    # -- logging hooks (http.server's names) ------------------------------------------------------
+    # -- the access log (http.server's hook name) -------------------------------------------------
 
     def log_request(self, code="-", backend: Backend | None = None) -> None:
         access_log.info("%s", format_access_line(self.config.access_log_format, self, code, backend))
-
-    def log_message(self, format: str, *args) -> None:
-        log.info("%s " + format, self.client_address[0], *args)
 
 
 def format_access_line(style: str, handler: ProxyHandler, status, backend: Backend | None) -> str:
@@ -3406,7 +3406,7 @@ class LingeringCloser:
     the response, reads and drops what the client still sends for a moment before closing, so the
     close does not turn into a reset that destroys the response (nginx's lingering_close)."""
 
-    def __init__(self, seconds: float = 2.0, most: int = 512):
+    def __init__(self, seconds: float = REFUSED_LINGER_SECONDS, most: int = REFUSED_LINGER_MOST):
         self.seconds, self.most = seconds, most
         self.pending: dict = {}       # fd -> (socket, deadline)
         self.lock = threading.Lock()
@@ -3478,7 +3478,7 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # head and body are two sends: no 40 ms delayed-ACK wait
-    timeout = 30
+    timeout = ADMIN_TIMEOUT_SECONDS
     server: AdminServer
     ACTIONS = ("drain", "maint", "ready")
 
@@ -3486,11 +3486,11 @@ class AdminHandler(BaseHTTPRequestHandler):
         """http.server's, with one dispatch for every method (its own answers 501 to a method it
         has no do_ function for)."""
         try:
-            self.raw_requestline = self.rfile.readline(65537)
+            self.raw_requestline = self.rfile.readline(ADMIN_MAX_LINE + 1)
         except (OSError, ValueError):
             self.close_connection = True
             return
-        if not self.raw_requestline or len(self.raw_requestline) > 65536:
+        if not self.raw_requestline or len(self.raw_requestline) > ADMIN_MAX_LINE:
             self.close_connection = True
             return
         if not self.parse_request():
@@ -3534,7 +3534,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         if refusal:
             return self.error(*refusal)
         length = self.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) <= 65536:
+        if length and length.isdigit() and int(length) <= ADMIN_MAX_BODY:
             self.rfile.read(int(length))
         elif length or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -3604,11 +3604,11 @@ class RedirectHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    timeout = 10
+    timeout = REDIRECT_TIMEOUT_SECONDS
 
     def handle_one_request(self) -> None:
         try:
-            self.raw_requestline = self.rfile.readline(8193)
+            self.raw_requestline = self.rfile.readline(REDIRECT_MAX_LINE + 1)
         except OSError:
             self.close_connection = True
             return
@@ -4644,8 +4644,6 @@ class Control:
             server.server_close()
 
 
-SAMPLE_SECONDS = 1
-HISTORY_SAMPLES = 300  # five minutes for the dashboard's charts
 ROUTING_STATES = ("up", "down", "ejected", "drain", "maint")
 CLASS_LABELS = ("1xx", "2xx", "3xx", "4xx", "5xx")
 CODE_CLASS = [STATUS_CODES[i] // 100 - 1 if i < len(STATUS_CODES) else i - len(STATUS_CODES)
@@ -4832,7 +4830,6 @@ class LoadBalancer:
 # whose pipe ends (the supervisor died, even by SIGKILL) stops by itself within a second.
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-ORPHAN_DRAIN_SECONDS = 1.0
 
 
 class Signals:
@@ -4993,7 +4990,7 @@ class WorkerProcess:
         passed = [fd for fd in fds if fd >= 0]
         for fd in passed:
             os.set_inheritable(fd, True)
-        settings = {item.name: getattr(config, item.name) for item in fields(Config)}
+        settings = {item.name: getattr(config, item.name) for item in Config.settings()}
         settings["backends_file"] = None  # the supervisor owns the backend set
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker-process",
@@ -5742,7 +5739,7 @@ def _haproxy_global(config: Config) -> list[str]:
     """The global section: threads, connections, the drain, buffers, logs."""
     level = "info" if config.access_log else HAPROXY_LOG_LEVELS[config.log_level]
     total = config.max_connections * config.workers
-    head = config.max_request_line + 2 + config.max_header_size + 2
+    head = config.max_head_size
     lines = [
         "global",
         "    # Log lines on stdout (load_balancer writes them to stderr); HAProxy's start-up warnings",
@@ -6115,7 +6112,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="load_balancer", description="Round-robin HTTP/1.1 load balancer "
                        "(one file, standard library only).")
     groups: dict = {}
-    for item in fields(Config):
+    for item in Config.settings():
         meta = item.metadata
         group = groups.get(meta["group"]) or groups.setdefault(
             meta["group"], p if meta["group"] == "general" else p.add_argument_group(meta["group"]))
@@ -6131,8 +6128,10 @@ def build_parser() -> ArgumentParser:
                 options.update(action="append", default=argparse.SUPPRESS, type=str)
             elif item.default is not None:
                 options["help"] += f" (default: {format_default(item.default)})"
+        if meta["reload"]:
+            options["help"] += " (read again on SIGHUP)"
         group.add_argument(flag_of(item), **options)
-    p.add_argument("--export", choices=("nginx", "haproxy"), type=str.lower,
+    p.add_argument("--export", choices=EXPORT_TARGETS, type=str.lower,
                    help="print an nginx.conf or haproxy.cfg that reproduces this balancer, then exit")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -6140,6 +6139,32 @@ def build_parser() -> ArgumentParser:
 
 def format_default(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def options_table() -> str:
+    """The README's table of options, made from Config as --help is (tests/test_docs.py keeps the
+    README's copy exact): ``python3 -c 'import load_balancer; print(load_balancer.options_table())'``."""
+    rows = ["| option | default | what it does |", "|---|---|---|"]
+    for item in Config.settings():
+        meta = item.metadata
+        option = f"`{flag_of(item)}{' ' + meta['metavar'] if meta['metavar'] else ''}`"
+        if item.name == "backends":
+            default = "`SERVER_URLS`"
+        elif meta["type"] is bool:
+            default = "off"
+        elif item.default is None:
+            default = "none"
+        else:
+            default = f"`{format_default(item.default)}`"
+        text = meta["help"]
+        if meta["choices"]:
+            text += f": {', '.join(meta['choices'])}"
+        if meta["reload"]:
+            text += " (read again on SIGHUP)"
+        rows.append(f"| {option} | {default} | {text.replace('|', chr(92) + '|')} |")
+    rows.append("| `--export nginx\\|haproxy` | | print an equivalent nginx.conf or haproxy.cfg and exit |")
+    rows.append("| `--version` | | print the version and exit |")
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

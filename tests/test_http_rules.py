@@ -1122,8 +1122,12 @@ class FakeSocket:
         return len(segment)
 
 
+def fake_reader(sock: FakeSocket, size: int):
+    return io.BufferedReader(lb.SocketReader(lb.Stream(sock)), size)
+
+
 def test_unread_counts_buffered_bytes():
-    reader = lb.socket_reader(FakeSocket(b"GET / HTTP/1.1\r\n", b"\r\nbody"), 64)
+    reader = fake_reader(FakeSocket(b"GET / HTTP/1.1\r\n", b"\r\nbody"), 64)
     assert lb.unread(reader) == 0
     assert reader.peek(1) == b"GET / HTTP/1.1\r\n"
     assert lb.unread(reader) == 16
@@ -1136,7 +1140,7 @@ def test_unread_counts_buffered_bytes():
 
 
 def test_socket_reader_would_block_is_timeout():
-    reader = lb.socket_reader(FakeSocket(b"ab", None), 8)
+    reader = fake_reader(FakeSocket(b"ab", None), 8)
     assert reader.read1(8) == b"ab"
     with pytest.raises(socket.timeout):
         reader.read1(8)
