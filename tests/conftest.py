@@ -28,6 +28,9 @@ sys.path.insert(0, str(ROOT))
 import load_balancer as lb  # noqa: E402
 
 SOCKET_TIMEOUT = 10.0
+# How late a timeout may fire on 2 busy cores: an upper bound on a wait is the timeout plus this.
+# Lower bounds need none (a deadline cannot fire early).
+SLACK = 2.5
 # Tests that need a system program (Chromium, nginx, HAProxy) skip with a reason where it is
 # missing; .ci/run installs them and sets this, which turns such a skip into a failure.
 REQUIRE_SYSTEM_PROGRAMS = os.environ.get("LB_REQUIRE_SYSTEM_PROGRAMS") == "1"
@@ -95,17 +98,26 @@ def read_body(sock_file, fields, status: int = 200, method: str = "GET") -> byte
 
 
 class Response:
-    def __init__(self, status_line: str, fields, body: bytes):
+    """One response as a test client read it: the status line, the fields (names as sent) and the
+    body; a strict reader also says how the body was framed, which interim (1xx) statuses came
+    before it and the trailer fields."""
+
+    def __init__(self, status_line: str, fields, body: bytes, *, framing: str | None = None,
+                 interim=(), trailers=()):
         self.status_line = status_line
         self.status = int(status_line.split(" ")[1])
         self.fields = fields
         self.body = body
+        self.framing, self.interim, self.trailers = framing, interim, trailers
 
     def header(self, name: str) -> str | None:
         return header(self.fields, name)
 
     def headers_named(self, name: str) -> list[str]:
         return [v for n, v in self.fields if n.lower() == name.lower()]
+
+    def connection_tokens(self) -> set:
+        return {t.strip().lower() for v in self.headers_named("Connection") for t in v.split(",") if t.strip()}
 
     def __repr__(self):
         return f"<Response {self.status_line!r} {self.fields!r} {self.body[:80]!r}>"
@@ -503,43 +515,78 @@ def balancer():
         b.close()
 
 
-class CliProcess:
+class ChildProcess:
+    """A child process whose output a thread per pipe reads line by line, so that a test can wait
+    for a line and no pipe ever fills. `merge`: stderr goes into stdout, one stream; else `lines`
+    is stderr (the balancer's log) and `stdout_lines` what it prints. `new_session`: the leader of
+    a process group of its own (killed with its children). Stopped by PID, never by name."""
+
+    def __init__(self, args: list, *, cwd=None, env=None, merge: bool = True, new_session: bool = True):
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+                                     start_new_session=new_session)
+        self.lines: list[str] = []
+        self.stdout_lines: list[str] = self.lines if merge else []
+        self.ended = False
+        self._cond = threading.Condition()
+        pipes = [(self.proc.stdout, self.lines)] if merge else [
+            (self.proc.stderr, self.lines), (self.proc.stdout, self.stdout_lines)]
+        self.readers = [threading.Thread(target=self._read, args=pipe, daemon=True) for pipe in pipes]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, pipe, lines: list) -> None:
+        for raw in pipe:
+            with self._cond:
+                lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        if lines is self.lines:
+            with self._cond:
+                self.ended = True
+                self._cond.notify_all()
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, needle: str, timeout: float = 10.0) -> str | None:
+        """The first line that contains `needle`, once there is one; None if the output ended or
+        `timeout` passed first."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.ended or any(needle in line for line in self.lines), timeout)
+            return next((line for line in self.lines if needle in line), None)
+
+    def wait_ended(self, timeout: float = 10.0) -> bool:
+        """Every pipe read to its end (the process, and whatever inherited its pipes, is gone)."""
+        for reader in self.readers:
+            reader.join(timeout)
+        return not any(reader.is_alive() for reader in self.readers)
+
+    def kill(self) -> None:
+        """SIGKILL to the process (its group when it leads one), then wait for it and its pipes."""
+        if self.proc.poll() is None:
+            try:
+                if self.proc.pid == os.getpgid(self.proc.pid):
+                    os.killpg(self.proc.pid, 9)
+                else:
+                    os.kill(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(5)
+        for reader in self.readers:
+            reader.join(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()
+
+
+class CliProcess(ChildProcess):
     """`python load_balancer.py ARGS` as a child process; learns its port from the start-up line."""
 
     def __init__(self, args: list[str], cwd: Path = ROOT):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "load_balancer.py"), *args],
-                                     cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
-        self.lines: list[str] = []
+        super().__init__([sys.executable, str(ROOT / "load_balancer.py"), *args], cwd=cwd, merge=False)
         self.port = None
         self.admin_port = None
-        self._lines_cond = threading.Condition()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-
-    def _read_stderr(self):
-        for line in self.proc.stderr:
-            with self._lines_cond:
-                self.lines.append(line.rstrip("\n"))
-                self._lines_cond.notify_all()
-        with self._lines_cond:
-            self.lines.append(None)  # EOF marker
-            self._lines_cond.notify_all()
-
-    def wait_for_line(self, needle: str, timeout: float = 10.0) -> str | None:
-        with self._lines_cond:
-            found = []
-
-            def seen():
-                for line in self.lines:
-                    if line is None:
-                        return True
-                    if needle in line:
-                        found.append(line)
-                        return True
-                return False
-
-            self._lines_cond.wait_for(seen, timeout)
-            return found[0] if found else None
 
     def wait_ready(self, timeout: float = 10.0) -> "CliProcess":
         """Wait for the start-up line (http:// or https://) and take the ports from it."""
@@ -553,8 +600,7 @@ class CliProcess:
         return self
 
     def stderr_text(self) -> str:
-        with self._lines_cond:
-            return "\n".join(line for line in self.lines if line is not None)
+        return self.output()
 
     def stop(self, sig: int = 15, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -579,15 +625,7 @@ def cli():
 
     yield make
     for p in made:
-        if p.proc.poll() is None:
-            try:
-                os.killpg(p.proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            p.proc.wait(5)
-        for stream in (p.proc.stdout, p.proc.stderr):
-            if stream:
-                stream.close()
+        p.kill()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -20,13 +20,12 @@ import socket
 import subprocess
 import sys
 import termios
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import alive, free_ports, live_processes, proc_stat, wait_until
+from conftest import ChildProcess, alive, free_ports, live_processes, proc_stat, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.py"
@@ -89,41 +88,19 @@ def child_pids(out: str) -> list[int]:
     raise AssertionError(f"no 'pids:' line in\n{out}")
 
 
-class Demo:
+class Demo(ChildProcess):
     """The demo (or `make demo`) as the leader of a new session; output collected line by line."""
 
     def __init__(self, argv: list[str], extra_env: dict | None = None, ports=None):
         self.lb_port, self.admin_port, *self.upstream_ports = ports or free_ports(5)
         env = demo_env(self.lb_port, self.admin_port, self.upstream_ports)
         env.update(extra_env or {})
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        super().__init__(argv, cwd=ROOT, env=env)
         self.sid = self.proc.pid
-        self.lines: list[str] = []
-        self.eof = False
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
 
     def wait_ready(self) -> "Demo":
         """Wait for the hints (the demo prints them once every port accepts connections)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.eof or any("Press Ctrl-C" in l for l in self.lines),
-                                READY_TIMEOUT)
+        self.wait_for_line("Press Ctrl-C", READY_TIMEOUT)
         out = self.output()
         assert "Press Ctrl-C" in out, f"demo not ready (exit code {self.proc.poll()}):\n{out}"
         return self
@@ -137,7 +114,7 @@ class Demo:
 
     def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
         rc = self.proc.wait(timeout)
-        self._reader.join(GONE_TIMEOUT)  # EOF once no process holds the pipe any more
+        self.wait_ended(GONE_TIMEOUT)  # EOF once no process holds the pipe any more
         return rc
 
     def assert_nothing_left(self, pids=()) -> None:
@@ -149,7 +126,7 @@ class Demo:
     def cleanup(self) -> None:
         """Safety net: SIGKILL whatever of this run is still there (by PID / its own group)."""
         kill_session(self.proc, self.sid)
-        self._reader.join(TIMEOUT)
+        self.wait_ended(TIMEOUT)
         self.proc.stdout.close()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RawClient, free_port
+from conftest import ChildProcess, RawClient, Response, free_port, header, parse_head
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "examples" / "server.py"
@@ -32,39 +32,15 @@ EXIT_TIMEOUT = 10.0     # until the server exits after a signal
 # Helpers
 # ---------------------------------------------------------------------------------------------------
 
-class ServerProcess:
-    """`python examples/server.py --port PORT ARGS` with its stderr collected line by line."""
+class ServerProcess(ChildProcess):
+    """`python examples/server.py --port PORT ARGS` with its output collected line by line."""
 
     def __init__(self, port: int, args: list[str]):
         self.port = port
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER), "--port", str(port), *args], cwd=ROOT,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True)
-        self._lines: list[str] = []
-        self._eof = False
-        self._cond = threading.Condition()
-        self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)
-                         for stream in (self.proc.stdout, self.proc.stderr)]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, stream) -> None:
-        for raw in stream:
-            with self._cond:
-                self._lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self._lines)
+        super().__init__([sys.executable, str(SERVER), "--port", str(port), *args], cwd=ROOT)
 
     def wait_for_output(self, needle: str, timeout: float = 5.0) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: needle in "\n".join(self._lines), timeout)
+        return self.wait_for_line(needle, timeout) is not None
 
     def wait_accepting(self) -> bool:
         """Poll until the port accepts a connection; False if the process exited first."""
@@ -83,16 +59,8 @@ class ServerProcess:
     def signal_and_wait(self, sig: int) -> int:
         os.kill(self.proc.pid, sig)
         rc = self.proc.wait(EXIT_TIMEOUT)
-        for t in self._readers:
-            t.join(EXIT_TIMEOUT)
+        self.wait_ended(EXIT_TIMEOUT)
         return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(EXIT_TIMEOUT)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
 
 
 @pytest.fixture
@@ -115,14 +83,6 @@ def start_server():
     yield start
     for server in made:
         server.kill()
-
-
-class Response:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes, head: bytes):
-        self.status, self.headers, self.body, self.head = status, headers, body, head
-
-    def __repr__(self):
-        return f"<Response {self.head!r} {self.body!r}>"
 
 
 class Conn(RawClient):
@@ -150,18 +110,11 @@ class Conn(RawClient):
             head += line
             if line == b"\r\n":
                 break
-        lines = head.decode("latin-1").split("\r\n")
-        version, status, _ = lines[0].split(" ", 2)
-        assert version == "HTTP/1.1", lines[0]
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        assert "content-length" in headers, head
-        length = int(headers["content-length"])
-        body = b"" if method == "HEAD" else self.file.read(length)
-        return Response(int(status), headers, body, head)
+        status_line, fields = parse_head(head)
+        assert status_line.startswith("HTTP/1.1 "), status_line
+        assert header(fields, "Content-Length") is not None, head
+        body = b"" if method == "HEAD" else self.file.read(int(header(fields, "Content-Length")))
+        return Response(status_line, fields, body)
 
 
 def request(port: int, method: str = "GET", path: str = "/", **kwargs) -> Response:
@@ -181,9 +134,9 @@ def test_root_names_its_port(start_server):
     server = start_server()
     r = request(server.port, "GET", "/")
     assert r.status == 200
-    assert r.headers["content-type"].startswith("text/plain")
+    assert r.header("content-type").startswith("text/plain")
     assert r.body == hello(server.port)
-    assert r.headers["content-length"] == str(len(r.body))
+    assert r.header("content-length") == str(len(r.body))
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/some/path?x=1&y=2"), ("POST", "/"),
@@ -219,7 +172,7 @@ def test_health_switches_need_post(start_server):
     server = start_server()
     r = request(server.port, "GET", "/health/fail")
     assert r.status == 405
-    assert r.headers.get("allow") == "POST"
+    assert r.header("allow") == "POST"
     assert request(server.port, "GET", "/health").status == 200
 
 
@@ -235,7 +188,7 @@ def test_head_has_no_body(start_server):
     with Conn(server.port) as conn:
         r = conn.request("HEAD", "/")
         assert r.status == 200
-        assert r.headers["content-length"] == str(len(hello(server.port)))
+        assert r.header("content-length") == str(len(hello(server.port)))
         r = conn.request("HEAD", "/health")
         assert r.status == 200
         # nothing was sent after the HEAD heads, so the next response parses cleanly
@@ -249,7 +202,7 @@ def test_keep_alive_two_requests_on_one_connection(start_server):
         second = conn.request("GET", "/health")
         assert (first.status, first.body) == (200, hello(server.port))
         assert (second.status, second.body) == (200, b"ok\n")
-        assert "close" not in first.headers.get("connection", "").lower()
+        assert "close" not in (first.header("connection") or "").lower()
         assert not conn.is_closed(timeout=0.2)
 
 
@@ -274,7 +227,7 @@ def test_connection_close_is_honoured(start_server):
     with Conn(server.port) as conn:
         r = conn.request("GET", "/", headers={"Connection": "close"})
         assert r.body == hello(server.port)
-        assert r.headers.get("connection", "").lower() == "close"
+        assert (r.header("connection") or "").lower() == "close"
         assert conn.is_closed()
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import RawClient, RawUpstream, SlowUpstreamHandler, get
+from conftest import SLACK, RawClient, RawUpstream, SlowUpstreamHandler, get
 
 import load_balancer as lb  # conftest put the project root on sys.path
 
@@ -536,14 +536,14 @@ def test_rejected_before_forwarding(env, status, data):
 
 
 def test_h2_prior_knowledge_preface_not_forwarded(env):
-    """`PRI * HTTP/2.0` (RFC 9113 3.4 preface): 400 (asterisk target) or 505 (version) are both
-    consistent with the contract; it must be refused, closed and never reach the upstream."""
+    """`PRI * HTTP/2.0` (RFC 9113 3.4 preface): 505, the version is checked first; refused,
+    closed and never sent upstream."""
     b, rec = env
     data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     with RawClient(b.port, timeout=CLIENT_TIMEOUT) as client:
         client.send(data)
         resp = client.response()
-        assert resp.status in (400, 505), resp
+        assert resp.status == 505, resp
         assert "close" in (resp.header("Connection") or "").lower(), resp
         assert client.is_closed(CLOSE_WAIT)
     assert rec.received == b""
@@ -757,7 +757,6 @@ def test_pipelined_request_after_rejected_one_is_never_processed(env):
 # Slow clients
 # ---------------------------------------------------------------------------------------------------
 
-MARGIN = 1.5   # scheduling slack on 2 shared cores
 
 
 def _timed_408(client: RawClient, start: float, low: float, high: float, sent: bytes):
@@ -776,7 +775,7 @@ def test_header_deadline_partial_head(raw_upstream, balancer):
     with RawClient(b.port, timeout=5) as client:
         start = time.monotonic()
         client.send(data)
-        _timed_408(client, start, 0.8, 1 + MARGIN, data)
+        _timed_408(client, start, 0.8, 1 + SLACK, data)
     assert rec.received == b""
     assert_normal_request_works(b, rec)
 
@@ -803,7 +802,7 @@ def test_header_deadline_is_total_not_per_read(raw_upstream, balancer):
         t = threading.Thread(target=trickle, daemon=True)
         t.start()
         try:
-            _timed_408(client, start, 0.8, 1 + MARGIN, payload + b"...")
+            _timed_408(client, start, 0.8, 1 + SLACK, payload + b"...")
         finally:
             stop.set()
             t.join(2)
@@ -812,15 +811,16 @@ def test_header_deadline_is_total_not_per_read(raw_upstream, balancer):
 
 
 def test_silent_connection_closed_after_header_timeout(raw_upstream, balancer):
-    """A connection that sends nothing is closed by the header deadline (with a 408 or silently)."""
+    """A connection that sends nothing is closed silently by the header deadline (as nginx does:
+    there is no request to answer)."""
     rec = Recorder(raw_upstream)
     b = balancer([rec.url], header_timeout=1, idle_timeout=5)
     with RawClient(b.port, timeout=5) as client:
         start = time.monotonic()
         rest = client.read_until_close()
         elapsed = time.monotonic() - start
-        assert 0.8 <= elapsed <= 1 + MARGIN, elapsed
-        assert rest == b"" or rest.startswith(b"HTTP/1.1 408 "), rest
+        assert 0.8 <= elapsed <= 1 + SLACK, elapsed
+        assert rest == b"", rest
     assert_normal_request_works(b, rec)
 
 
@@ -836,7 +836,7 @@ def test_idle_timeout_while_reading_body(raw_upstream, balancer, framing, partia
     with RawClient(b.port, timeout=5) as client:
         start = time.monotonic()
         client.send(data)
-        _timed_408(client, start, 0.8, 1 + MARGIN, data)
+        _timed_408(client, start, 0.8, 1 + SLACK, data)
     for conn in rec.touched():
         assert conn.eof.wait(UPSTREAM_CLOSE_WAIT), "upstream connection left open mid-body"
         assert conn.completed_in_case() == 0
@@ -869,7 +869,7 @@ def test_keepalive_idle_connection_closed_silently(raw_upstream, balancer):
         rest = client.read_until_close()
         elapsed = time.monotonic() - start
         assert rest == b"", f"idle keep-alive connection got bytes before closing: {rest!r}"
-        assert 0.7 <= elapsed <= 1 + MARGIN, elapsed
+        assert 0.7 <= elapsed <= 1 + SLACK, elapsed
 
 
 def test_keepalive_partial_second_head_gets_408(raw_upstream, balancer):
@@ -881,7 +881,7 @@ def test_keepalive_partial_second_head_gets_408(raw_upstream, balancer):
         data = b"GET /second HTTP/1.1\r\nHost: te"
         start = time.monotonic()
         client.send(data)
-        _timed_408(client, start, 0.8, 1 + MARGIN, data)
+        _timed_408(client, start, 0.8, 1 + SLACK, data)
     assert rec.targets() == ["/first"]
     assert_normal_request_works(b, rec)
 

@@ -63,7 +63,7 @@ from pathlib import Path
 import pytest
 
 import load_balancer as lb
-from conftest import (SOCKET_TIMEOUT, RawClient, Upstream, UpstreamHandler, UpstreamServer,
+from conftest import (SLACK, SOCKET_TIMEOUT, RawClient, Upstream, UpstreamHandler, UpstreamServer,
                       default_handler, free_port, get, parse_head, port_of, read_head,
                       require_program, wait_until)
 from conftest import request as plain_request
@@ -458,7 +458,7 @@ def test_plain_http_to_tls_port_gets_400_at_once_and_a_close(certs, upstreams, b
         assert b"The plain HTTP request was sent to HTTPS port" in resp.body, resp
         assert resp.header("Connection") == "close", resp
         assert c.read_until_close() == b""
-    assert elapsed < 1.0, elapsed
+    assert elapsed < SLACK, elapsed  # well before the 10 s header timeout
     assert up.requests == []
 
 
@@ -489,7 +489,7 @@ def test_stalled_handshake_does_not_block_others_and_is_closed_after_header_time
         assert still_open(stalled.sock), "the stalled handshake was given up before its timeout"
         assert stalled.is_closed(timeout=5)
         elapsed = time.monotonic() - started
-    assert 0.9 <= elapsed < 2.5, elapsed
+    assert 0.9 <= elapsed < 1 + SLACK, elapsed
 
 
 def test_trickled_handshake_is_closed_after_header_timeout_in_total(certs, upstreams, balancer):

@@ -40,9 +40,7 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -53,7 +51,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosedError
 
-from conftest import (RawClient, free_port, get, parse_head, read_head, refused_url,
+from conftest import (ChildProcess, RawClient, free_port, get, parse_head, read_head, refused_url,
                       require_program, wait_until)
 
 TIMEOUT = 10.0                  # the whole asyncio part of one test
@@ -146,43 +144,6 @@ def frame_size(payload: int, masked: bool) -> int:
 def text_of(size: int) -> str:
     """`size` bytes of varied ASCII text."""
     return base64.b64encode(os.urandom(size))[:size].decode("ascii")
-
-
-class Child:
-    """A child process whose output (stdout and stderr together) a thread reads line by line, so
-    that a test can wait for a line and the pipe never fills. kill() is by PID."""
-
-    def __init__(self, args: list, cwd=None):
-        self.proc = subprocess.Popen(args, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.lines: list = []
-        self.ended = False
-        self.cond = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-        with self.cond:
-            self.ended = True
-            self.cond.notify_all()
-
-    def wait_for_line(self, needle: str, timeout: float = 10.0) -> str:
-        with self.cond:
-            self.cond.wait_for(lambda: self.ended or any(needle in x for x in self.lines), timeout)
-            found = [x for x in self.lines if needle in x]
-            assert found, f"no line with {needle!r} within {timeout}s; output: {self.lines}"
-            return found[0]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
-        self.reader.join(5)
-        self.proc.stdout.close()
 
 
 def raw_answer(response: bytes):
@@ -355,9 +316,11 @@ asyncio.run(main())
 def test_upstream_killed_mid_tunnel_ends_the_client_promptly_and_leaks_nothing(balancer, tmp_path):
     script = tmp_path / "ws_server.py"
     script.write_text(WS_SERVER_SCRIPT)
-    server = Child([sys.executable, str(script)])
+    server = ChildProcess([sys.executable, str(script)])
     try:
-        port = int(server.wait_for_line("port ").split()[1])
+        line = server.wait_for_line("port ")
+        assert line, server.output()
+        port = int(line.split()[1])
         b = balancer([f"http://127.0.0.1:{port}"])
 
         async def scenario():
@@ -367,7 +330,7 @@ def test_upstream_killed_mid_tunnel_ends_the_client_promptly_and_leaks_nothing(b
                 await ws.send("first")
                 assert await ws.recv() == "first"
             assert wait_until(lambda: tunnels_closed(b) and b.server.spare_threads == 1)
-            threads = unlisted_threads(), python_threads() - {server.reader.native_id}
+            threads = unlisted_threads(), python_threads() - {r.native_id for r in server.readers}
 
             async with connect(ws_url(b.port), **CLIENT) as ws:
                 await ws.send("second")
@@ -560,11 +523,11 @@ def uvicorn_app(tmp_path_factory):
     folder = tmp_path_factory.mktemp("asgi")
     (folder / "app.py").write_text(ASGI_APP)
     port = free_port()
-    server = Child([sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(folder),
-                    "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off", "--no-access-log"],
-                   cwd=folder)
+    server = ChildProcess([sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(folder),
+                           "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off", "--no-access-log"],
+                          cwd=folder)
     try:
-        server.wait_for_line(f"Uvicorn running on http://127.0.0.1:{port}")
+        assert server.wait_for_line(f"Uvicorn running on http://127.0.0.1:{port}"), server.output()
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", process=server)
     finally:
         server.kill()
