@@ -3090,19 +3090,62 @@ class Tunnel:
 # ===================================================================================================
 
 class Listener(ThreadingHTTPServer):
-    """What every listener of the balancer has: IPv6 when its address is one, daemon threads, and
-    no reverse DNS look-up at bind (HTTPServer.server_bind's socket.getfqdn() is slow offline)."""
+    """What every listener of the balancer has: IPv6 when its address is one, daemon threads, no
+    reverse DNS look-up at bind (HTTPServer.server_bind's socket.getfqdn() is slow offline), and a
+    serve_forever() that shutdown() wakes at once: socketserver's notices it at the next poll
+    interval, which every stop, drain and reload would wait for."""
 
     daemon_threads = True
 
     def __init__(self, address, handler, bind_and_activate: bool = True):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        self.stopping = False
+        self.stopped = threading.Event()
+        self.stopped.set()
         super().__init__(address, handler, bind_and_activate)
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """socketserver's loop: a connection, or `poll_interval` passing, then service_actions()."""
+        self.stopped.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self.wake_read, selectors.EVENT_READ)
+                while not self.stopping:
+                    ready = selector.select(poll_interval)
+                    if self.stopping:
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self.stopping = False
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() and wait until it has returned (who calls: another thread)."""
+        self.stopping = True
+        try:
+            os.write(self.wake_write, b"x")
+        except OSError:
+            pass  # a wake-up is pending already, or the listener is closed
+        self.stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for fd in (self.wake_read, self.wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.wake_read = self.wake_write = -1
 
 
 class ProxyServer(Listener):
@@ -5163,7 +5206,7 @@ def _export_command(config: Config, target: str) -> str:
     """The command line that exports `config` again: the flags whose values differ from their
     defaults, in --help order. The admin token is not repeated in a comment."""
     words = ["python3", "load_balancer.py", "--export", target]
-    for item in fields(Config):
+    for item in Config.settings():
         value = getattr(config, item.name)
         if value == item.default:
             continue
