@@ -1417,6 +1417,7 @@ STATE_INTS = 12
 REASON_BYTES = 240
 HEALTH_STATES = ("unchecked", "up", "down")
 ADMIN_STATES = ("ready", "drain", "maint")
+LAPSED_EJECTION = "back in rotation: its fail timeout passed"
 # Each worker's block: its process, then one record per upstream slot.
 (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP, P_TUNNEL_BYTES_DOWN,
  P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(10)
@@ -1582,14 +1583,42 @@ class SharedState:
         start = slot * REASON_BYTES
         return bytes(self.reasons[start:start + self.get(slot, S_REASON_LENGTH)]).decode("utf-8", "replace")
 
-    def _set_reason(self, slot: int, text: str, *, since: bool = True) -> None:
+    def _set_reason(self, slot: int, text: str, *, since: bool = True, at: int | None = None) -> None:
+        """Write the reason (who calls: reset, set_admin and _explain); `since` now, at `at`
+        (wall-clock microseconds), or unchanged."""
         data = text.encode("utf-8", "replace")[:REASON_BYTES]
         start = slot * REASON_BYTES
         self.reasons[start:start + len(data)] = data
         base = slot * STATE_INTS
         self.states[base + S_REASON_LENGTH] = len(data)
-        if since:
+        if at is not None:
+            self.states[base + S_SINCE] = at
+        elif since:
             self.states[base + S_SINCE] = int(time.time() * 1e6)
+
+    def _explain(self, slot: int, text: str, *, since: bool = True, at: int | None = None) -> None:
+        """The reason shown is the one that decides the routing state: while an operator's drain
+        or maint holds, what health checks and requests find is counted but not written over it."""
+        if not self.states[slot * STATE_INTS + S_ADMIN]:
+            self._set_reason(slot, text, since=since, at=at)
+
+    def _end_lapsed_ejection(self, slot: int) -> None:
+        """An ejection whose --fail-timeout ran out ends where it is next seen (a request, a check,
+        an operator): cleared, and said as of when it ran out. Called with the lock held."""
+        base = slot * STATE_INTS
+        self.states[base + S_EJECTED_UNTIL] = 0
+        self._explain(slot, LAPSED_EJECTION, at=self.states[base + S_EJECTED_UNTIL_WALL])
+
+    def ejection_lapsed(self, slot: int, now_us: int) -> bool:
+        """An ejection ran out and nothing has cleared it yet (the state says so, not the text)."""
+        return 0 < self.get(slot, S_EJECTED_UNTIL) <= now_us
+
+    def explained(self, slot: int, now_us: int) -> tuple[str, int]:
+        """(reason, since) as /status shows them: an ejection that ran out and that nothing has
+        cleared yet is said as such."""
+        if self.routing_state(slot, now_us) == "up" and self.ejection_lapsed(slot, now_us):
+            return LAPSED_EJECTION, self.get(slot, S_EJECTED_UNTIL_WALL)
+        return self.reason(slot), self.get(slot, S_SINCE)
 
     def reset(self, slot: int, reason: str) -> None:
         """A slot given to a new backend name starts as HAProxy starts a server: up, unchecked."""
@@ -1624,8 +1653,8 @@ class SharedState:
             states[base + S_EJECTED_UNTIL] = now + int(config.fail_timeout * 1e6)
             states[base + S_EJECTED_UNTIL_WALL] = int((time.time() + config.fail_timeout) * 1e6)
             states[base + S_EJECTIONS] += 1
-            self._set_reason(slot, f"out for {config.fail_timeout:g}s after {failures} failed requests "
-                                   f"in a row, last: {detail}")
+            self._explain(slot, f"out for {config.fail_timeout:g}s after {failures} failed requests "
+                                f"in a row, last: {detail}")
             self.header[H_GENERATION] += 1
         return True
 
@@ -1637,17 +1666,22 @@ class SharedState:
             base = slot * STATE_INTS
             self.states[base + S_CONSECUTIVE_FAILURES] = 0
             until = self.states[base + S_EJECTED_UNTIL]
-            self.states[base + S_EJECTED_UNTIL] = 0  # an ejection that ran out is cleared too
-            if until <= monotonic_us():
+            if not until:
                 return False
-            self._set_reason(slot, "back in rotation: a request to it succeeded")
+            if until <= monotonic_us():
+                self._end_lapsed_ejection(slot)
+                return False
+            self.states[base + S_EJECTED_UNTIL] = 0
+            self._explain(slot, "back in rotation: a request to it succeeded")
             self.header[H_GENERATION] += 1
         return True
 
-    def record_check(self, slot: int, ok: bool, health: int | None, reason: str | None,
-                     *, end_ejection: bool) -> None:
-        """An active check's result: counted; `health` set when rise/fall changed it; `reason`
-        written (with a new `since` only when routing changes)."""
+    def record_check(self, slot: int, ok: bool, health: int | None, reason: str,
+                     *, may_end_ejection: bool) -> None:
+        """An active check's result: counted; `health` set when rise/fall changed it; an ejection
+        in effect ended when `may_end_ejection` (a passing HTTP check). `reason` is written where
+        the check decides the routing state: not over an ejection still in effect, nor over an
+        operator's state (see _explain); with a new `since` only when routing changes."""
         with self.lock:
             base = slot * STATE_INTS
             states = self.states
@@ -1655,18 +1689,32 @@ class SharedState:
             changed = health is not None and health != states[base + S_HEALTH]
             if health is not None:
                 states[base + S_HEALTH] = health
-            if end_ejection and states[base + S_EJECTED_UNTIL] > monotonic_us():
+            until = states[base + S_EJECTED_UNTIL]
+            ejected = until > monotonic_us()
+            if ejected and may_end_ejection:
                 states[base + S_EJECTED_UNTIL] = 0
                 states[base + S_CONSECUTIVE_FAILURES] = 0
-                changed = True
-            if reason is not None:
-                self._set_reason(slot, reason, since=changed)
+                ejected, changed = False, True
+                reason = "back in rotation: " + reason
+            elif until and not ejected:
+                self._end_lapsed_ejection(slot)
+            if not ejected:
+                self._explain(slot, reason, since=changed)
             if changed:
                 self.header[H_GENERATION] += 1
 
     def set_admin(self, slot: int, state: str, reason: str) -> None:
+        """An operator's state. Back to ready, the reason also says what still keeps it out."""
         with self.lock:
-            self.states[slot * STATE_INTS + S_ADMIN] = ADMIN_STATES.index(state)
+            base = slot * STATE_INTS
+            states = self.states
+            states[base + S_ADMIN] = ADMIN_STATES.index(state)
+            if self.ejection_lapsed(slot, monotonic_us()):
+                states[base + S_EJECTED_UNTIL] = 0
+            if state == "ready" and states[base + S_HEALTH] == 2:
+                reason += "; still down: its health checks fail"
+            elif state == "ready" and states[base + S_EJECTED_UNTIL]:
+                reason += "; still out after failed requests"
             self._set_reason(slot, reason)
             self.header[H_GENERATION] += 1
 
@@ -2003,16 +2051,14 @@ class HealthChecker:
             new = 1
         elif not ok and health != 2 and failed >= config.fall:
             new = 2
-        end_ejection = ok and config.health_path is not None
         if new == 1 and health == 2:
             reason = f"up: {passed} health check(s) passed, last: {detail}"
         elif new == 2:
             reason = f"down: {failed} health check(s) failed in a row, last: {detail}"
-        elif shared.routing_state(slot, monotonic_us()) in ("up", "down") or end_ejection:
-            reason = f"health check {'passed' if ok else 'failed'}: {detail}"
         else:
-            reason = None  # an ejection or an operator's state says more
-        shared.record_check(slot, ok, new, reason, end_ejection=end_ejection)
+            reason = f"health check {'passed' if ok else 'failed'}: {detail}"
+        # Written only where the check decides the state (see SharedState.record_check).
+        shared.record_check(slot, ok, new, reason, may_end_ejection=ok and config.health_path is not None)
         if new == 2 or (new == 1 and health == 2):
             log.log(logging.INFO if ok else logging.WARNING, "upstream %s is %s: %s", spec.name,
                     "UP" if ok else "DOWN", reason)
@@ -4365,7 +4411,7 @@ class Control:
         for slot, spec in self.current:
             state = self.shared.routing_state(slot, now_us)
             if self.routing.get(slot) == "ejected" and state == "up":
-                log.info("upstream %s back in rotation: its fail timeout passed", spec.name)
+                log.info("upstream %s %s", spec.name, self.shared.explained(slot, now_us)[0])
             self.routing[slot] = state
 
     def run_sampler(self) -> None:
@@ -4395,10 +4441,7 @@ class Control:
             record = per_slot[slot]
             routing = self.shared.routing_state(slot, now_us)
             states.append(routing)
-            reason, since = self.shared.reason(slot), self.shared.get(slot, S_SINCE)
-            until_wall = self.shared.get(slot, S_EJECTED_UNTIL_WALL)
-            if routing == "up" and reason.startswith("out for ") and until_wall:
-                reason, since = "back in rotation: its fail timeout passed", until_wall
+            reason, since = self.shared.explained(slot, now_us)
             backends.append({
                 "name": spec.name, "url": spec.url, "weight": spec.weight, "backup": spec.backup,
                 "state": "down" if routing == "ejected" else routing,
