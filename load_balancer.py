@@ -181,12 +181,17 @@ def worker_count(text: str) -> int:
 RETRY_CONDITIONS = frozenset({"conn-failure", "empty-response", "response-timeout", "none"})
 
 
+def log_destination(value) -> str | None:
+    return None if value and not any(c in value for c in "\r\n\0") else "must be a file, or - for standard output"
+
+
 def setting(default, help: str, *, group: str = "general", type=None, check=None, choices=None,
-            metavar: str | None = None, reload: bool = False, flag: str | None = None):
-    """A Config field with what the command line, validation and reload need to know of it."""
+            metavar: str | None = None, reload: bool = False, flag: str | None = None, const=None):
+    """A Config field with what the command line, validation and reload need to know of it.
+    `const`: the value of the flag given without one."""
     return field(default=default, metadata={
         "help": help, "group": group, "type": type, "check": check, "choices": choices,
-        "metavar": metavar, "reload": reload, "flag": flag})
+        "metavar": metavar, "reload": reload, "flag": flag, "const": const})
 
 
 @dataclass(frozen=True)
@@ -270,7 +275,12 @@ class Config:
     admin_token: str | None = setting(None, "bearer token every admin POST must carry (required "
                                       "when --admin-host is not a loopback address)",
                                       group="operations", metavar="TOKEN")
-    access_log: bool = setting(False, "log every request", group="operations", type=bool)
+    # nginx's access_log: its own file, lines exactly the format. The flag alone (in 2.0.0 it
+    # was a switch) is standard output.
+    access_log: str | None = setting(None, "append one line per request to FILE, in the access "
+                                     "log format and nothing else; '-' (or the flag alone): "
+                                     "standard output. SIGUSR1 opens FILE again (log rotation)",
+                                     group="operations", metavar="FILE", check=log_destination, const="-")
     access_log_format: str = setting("short", "access log line", group="operations",
                                      choices=("short", "common", "combined", "json"))
     log_level: str = setting("info", "logging level", group="operations",
@@ -279,6 +289,8 @@ class Config:
     def __post_init__(self):
         """Refuse impossible settings with a one-line reason naming the flag (ValueError), and
         read --backends-file (its errors name the line)."""
+        if isinstance(self.access_log, bool):  # a program written for 2.0.0 passes the old switch
+            object.__setattr__(self, "access_log", "-" if self.access_log else None)
         for item in fields(self):
             check, choices = item.metadata.get("check"), item.metadata.get("choices")
             value = getattr(self, item.name)
@@ -1795,7 +1807,7 @@ class Backend:
         self.label = spec.url if spec.name == own_name else f"{spec.name} ({spec.url})"
         self.host_header = spec.netloc.encode("idna")
         self.pool = ConnectionPool(self, config)
-        self.failures = FailureLog(self)
+        self.failures = RateLimitedLog(f"upstream {self.label}", "failed request(s)")
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} {self.url}>"
@@ -1806,48 +1818,6 @@ class Backend:
         or maint."""
         state = self.shared.routing_state(self.slot, monotonic_us())
         return "down" if state == "ejected" else state
-
-
-class FailureLog:
-    """One WARNING for the first failure of an upstream, then at most one summary line (count and
-    kinds) per LOG_SUMMARY_SECONDS: a dead upstream under load must not write a line a request."""
-
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.lock = threading.Lock()
-        self.quiet_until = 0.0
-        self.kinds: collections.Counter = collections.Counter()
-        self.timer = None
-
-    def failed(self, kind: str, line: str) -> None:
-        with self.lock:
-            now = time.monotonic()
-            if now >= self.quiet_until and not self.kinds:
-                self.quiet_until = now + LOG_SUMMARY_SECONDS
-                log.warning("%s", line)
-                return
-            self.kinds[kind] += 1
-            if self.timer is None:
-                self.timer = threading.Timer(max(self.quiet_until - now, 0.0), self.summarise)
-                self.timer.daemon = True
-                self.timer.start()
-
-    def flush(self) -> None:
-        """Write the pending summary now (who calls: Worker.close, so that no line comes later)."""
-        with self.lock:
-            timer = self.timer
-        if timer is not None:
-            timer.cancel()
-            self.summarise()
-
-    def summarise(self) -> None:
-        with self.lock:
-            kinds, self.kinds, self.timer = self.kinds, collections.Counter(), None
-            self.quiet_until = time.monotonic() + LOG_SUMMARY_SECONDS
-        if kinds:
-            log.warning("upstream %s: %d more failed request(s) in the last %gs (%s)", self.backend.label,
-                        sum(kinds.values()), LOG_SUMMARY_SECONDS,
-                        ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common()))
 
 
 def smooth_weighted_cycle(backends: list) -> tuple:
@@ -2403,6 +2373,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.requests_seen = 0
         self.received_total = self.sent_total = 0  # bytes of ended requests, both ways
         self.in_flight_base = None    # the upstream record of the try in flight, if any
+        self.last_tried = None        # the upstream the request went to last, if any
         self.gated = False            # holds a place in the server's FairGate
         self.started = time.monotonic()
         self.command = self.path = self.request_version = ""
@@ -2454,6 +2425,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.sent = 0
         self.head_sent = 0
         self.in_flight_base = None
+        self.last_tried = None
         head = None
         try:
             try:
@@ -2523,6 +2495,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 break
             self.in_flight_base = backend.stats_base  # in flight there until the request ends
             tried.append(backend)
+            self.last_tried = backend  # the access log names it on a 502 or 504 too
             try:
                 conn, response, early = self.exchange(backend, request, body)
             except UpstreamError as error:
@@ -2541,14 +2514,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         unread_body = request.framing != NO_BODY and body is None
         if failure is None:
-            self.server.unavailable.count()
+            self.server.unavailable.note()
             self.reject(503, "no upstream is available", close=unread_body,
                         extra=b"Retry-After: %d\r\n" % balancer.retry_after())
         else:
             self.reject(failure.status, failure.detail, close=unread_body or failure.kind == "body")
 
     def upstream_failed(self, backend: Backend, error: UpstreamError) -> None:
-        backend.failures.failed(error.kind, f"{self.command} {self.path} -> {backend.label}: {error.detail}")
+        backend.failures.note(f"{self.command} {self.path} -> {backend.label}: {error.detail}", error.kind)
         # nginx ignores max_fails when a group has a single server: with nowhere else to go,
         # taking it out would only turn its failures into 503s.
         if self.server.shared.record_failure(backend.slot, error.detail, self.config,
@@ -2868,7 +2841,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
             self.linger = True
-        # An upstream's failures are logged by its FailureLog, and a 503 by a rate-limited line:
+        # An upstream's failures are logged by its RateLimitedLog, and a 503 by another:
         # under an outage, one line per request would bury everything else.
         log.debug("%s %s from %s answered %d: %s", self.command or "-", self.path or "-",
                   self.client_address[0], status, detail)
@@ -2891,15 +2864,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- logging hooks (http.server's names) ------------------------------------------------------
 
     def log_request(self, code="-", backend: Backend | None = None) -> None:
-        access_log.info("%s", format_access_line(self.config.access_log_format, self, code, backend))
+        """`backend`: the upstream that answered; else the line names the one tried last, if any
+        (nginx's $upstream_addr on a 502 or 504)."""
+        access_log.info("%s", format_access_line(self.config.access_log_format, self, code,
+                                                 backend or self.last_tried, answered=backend is not None))
 
     def log_message(self, format: str, *args) -> None:
         log.info("%s " + format, self.client_address[0], *args)
 
 
-def format_access_line(style: str, handler: ProxyHandler, status, backend: Backend | None) -> str:
+def format_access_line(style: str, handler: ProxyHandler, status, backend: Backend | None, *,
+                       answered: bool = True) -> str:
     """One access log line: `short` (this balancer's own), `common` and `combined` (Apache's and
-    nginx's), or `json` (one object a line, with the upstream, its status and the timings)."""
+    nginx's), or `json` (one object a line, with the upstream, its status and the timings).
+    `backend`: the upstream that answered, or (not `answered`) the one tried last."""
     duration = time.monotonic() - handler.started
     client = handler.client_address[0]
     request_line = f"{handler.command or '-'} {handler.path or '-'} {handler.request_version or '-'}"
@@ -2913,7 +2891,7 @@ def format_access_line(style: str, handler: ProxyHandler, status, backend: Backe
             "version": handler.request_version or None, "status": status,
             "upstream": backend.name if backend else None,
             "upstream_address": f"{backend.host}:{backend.port}" if backend else None,
-            "upstream_status": status if backend else None,
+            "upstream_status": status if backend and answered else None,
             "duration_ms": round(duration * 1000, 3), "bytes_sent": handler.sent,
             "bytes_received": handler.rfile.raw.received - handler.received_total,
             "user_agent": headers.get("User-Agent") if headers else None,
@@ -3129,7 +3107,7 @@ class ProxyServer(ThreadingHTTPServer):
         if refused:
             self.stats.response(OWN_ANSWERS, b"other", 503, 0.0)
             if refused == "too many connections":
-                self.refusals.count()
+                self.refusals.note()
             self.closer.reject(request, error_response(503, refused, close=True, extra=b"Retry-After: 1\r\n"))
             return
         if spare:
@@ -3324,23 +3302,50 @@ def read_certificate(cert: str, key: str) -> bytes:
 
 
 class RateLimitedLog:
-    """A WARNING that may repeat many times a second, written at most once per
-    LOG_SUMMARY_SECONDS with how many times it happened."""
+    """A WARNING that may repeat many times a second (an upstream failing under load, a flood of
+    connections over the cap, 503s while nothing is available): the first is written at once, in
+    full; the repeats are counted, by kind, and written as one summary line per
+    LOG_SUMMARY_SECONDS, by a timer, so that the end of a burst is reported too and the counts add
+    up to every occurrence. `subject` begins the summary, `what` names what is counted."""
 
-    def __init__(self, message: str):
-        self.message = message
+    def __init__(self, subject: str, what: str = ""):
+        self.subject, self.what = subject, what
         self.lock = threading.Lock()
-        self.unlogged = 0
-        self.next_at = 0.0
+        self.quiet_until = 0.0
+        self.kinds: collections.Counter = collections.Counter()
+        self.timer = None
 
-    def count(self) -> None:
+    def note(self, line: str | None = None, kind: str = "") -> None:
+        """One occurrence: `line` says it in full (default: the subject), `kind` sorts repeats."""
         with self.lock:
-            self.unlogged += 1
             now = time.monotonic()
-            if now < self.next_at:
+            if now < self.quiet_until or self.kinds:
+                self.kinds[kind] += 1
+                if self.timer is None:
+                    self.timer = threading.Timer(max(self.quiet_until - now, 0.0), self.summarise)
+                    self.timer.daemon = True
+                    self.timer.start()
                 return
-            count, self.unlogged, self.next_at = self.unlogged, 0, now + LOG_SUMMARY_SECONDS
-        log.warning("%s (%d since the last such line)", self.message, count)
+            self.quiet_until = now + LOG_SUMMARY_SECONDS
+        log.warning("%s", line or self.subject)
+
+    def flush(self) -> None:
+        """Write the pending summary now (who calls: Worker.close, so that no line comes later)."""
+        with self.lock:
+            timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.summarise()
+
+    def summarise(self) -> None:
+        with self.lock:
+            kinds, self.kinds, self.timer = self.kinds, collections.Counter(), None
+            self.quiet_until = time.monotonic() + LOG_SUMMARY_SECONDS
+        if kinds:
+            named = ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common() if kind)
+            log.warning("%s: %d more%s in the last %gs%s", self.subject, sum(kinds.values()),
+                        " " + self.what if self.what else "", LOG_SUMMARY_SECONDS,
+                        f" ({named})" if named else "")
 
 
 class LingeringCloser:
@@ -4724,6 +4729,8 @@ class Worker:
         for backend in self.balancer.backends.values():
             backend.pool.close()
             backend.failures.flush()
+        self.server.refusals.flush()
+        self.server.unavailable.flush()
 
     def cut(self) -> None:
         self.server.cut()
@@ -4791,13 +4798,96 @@ class LoadBalancer:
 
 
 # ===================================================================================================
+# Logs
+# ===================================================================================================
+# Two logs, as nginx keeps them. The error log (start, stop, state changes, failures) goes to
+# standard error, each line with its time, level and process. The access log (--access-log) is one
+# line per request, exactly in --access-log-format with nothing before it, so that jq, GoAccess or
+# a log shipper read it as it is, to a file of its own or to standard output. logrotate moves the
+# file away and sends SIGUSR1: every process then opens the path again, as nginx does on USR1.
+
+class AccessLogFile(logging.Handler):
+    """Where access log lines go: a file opened for appending, or standard output ("-"). Each line
+    is one write(2) on a descriptor opened with O_APPEND, so lines from several threads and worker
+    processes never interleave within a line (nginx writes its access log the same way)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.fd = sys.stdout.fileno() if path == "-" else self.open()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def open(self) -> int:
+        """A descriptor of the file at `path` (OSError if it cannot be opened). 0640: the lines name
+        clients and what they asked for."""
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            view = memoryview((self.format(record) + "\n").encode("utf-8", "replace"))
+            while view:
+                view = view[os.write(self.fd, view):]
+        except Exception:
+            self.handleError(record)
+
+    def reopen(self) -> None:
+        """Open the path again and put the new file under the same descriptor (dup2: a line being
+        written goes whole to the old file or the new one, never lost). OSError: the old stays."""
+        if self.path == "-":
+            return
+        fd = self.open()
+        try:
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.path != "-" and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
+
+
+def configure_logging(config: Config) -> None:
+    """Logging for a process of the command line (main(), and every worker process): the error
+    log on standard error at --log-level; the access log to its own destination, its lines
+    exactly the format. OSError when the access log file cannot be opened. A program that embeds
+    the balancer configures logging itself: access lines are INFO records of the
+    "load_balancer.access" logger, the line as the message."""
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    for handler in access_log.handlers[:]:
+        access_log.removeHandler(handler)
+        handler.close()
+    if config.access_log:
+        access_log.addHandler(AccessLogFile(config.access_log))
+    access_log.propagate = not config.access_log  # its lines do not go to the error log too
+    access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
+
+
+def reopen_access_log() -> None:
+    """SIGUSR1 (in every process: the supervisor passes it on to its workers): open the access log
+    file again, after logrotate has moved it."""
+    files = [h for h in access_log.handlers if isinstance(h, AccessLogFile) and h.path != "-"]
+    if not files:
+        log.info("SIGUSR1: nothing to do (no --access-log file to reopen)")
+    for handler in files:
+        try:
+            handler.reopen()
+        except OSError as error:
+            log.error("SIGUSR1: cannot reopen the access log %s: %s; writing on to the old file",
+                      handler.path, describe_os_error(error))
+        else:
+            log.info("SIGUSR1: access log %s reopened", handler.path)
+
+
+# ===================================================================================================
 # Processes and signals
 # ===================================================================================================
 # Signals (kill -s NAME pid):
 #   TERM, INT, QUIT  drain: stop accepting, let requests in flight finish (--drain-timeout), exit 0;
 #                    a second TERM or INT during the drain stops at once
 #   HUP              reload: --backends-file and the TLS certificate read again
-#   USR1             logged and otherwise ignored (the logs go to stderr: nothing to reopen)
+#   USR1             reopen the access log file (log rotation), in every process
 # With --workers N the supervisor takes these and tells its workers through a pipe each; a worker
 # whose pipe ends (the supervisor died, even by SIGKILL) stops by itself within a second.
 
@@ -4841,10 +4931,11 @@ class Signals:
 def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload=None,
                       control_fd: int | None = None) -> None:
     """A process's main loop. A stop signal starts `drain(timeout)` in a thread and a second TERM
-    or INT calls `cut()`; HUP calls `reload()`; USR1 is logged. A worker also reads its control
-    pipe: "D" drains, "S" stops now, and its end (the supervisor is gone) drains briefly. A stop
-    signal sent to the whole process group (timeout(1), a terminal's Ctrl-C, systemd) reaches a
-    worker as well as its supervisor's "D": that is one stop, not two."""
+    or INT calls `cut()`; HUP calls `reload()`; USR1 reopens the access log. A worker also reads
+    its control pipe: "D" drains, "S" stops now, "R" reopens the access log, and its end (the
+    supervisor is gone) drains briefly. A stop signal sent to the whole process group
+    (timeout(1), a terminal's Ctrl-C, systemd) reaches a worker as well as its supervisor's "D":
+    that is one stop, not two."""
     stopper = None
     signalled = 0
 
@@ -4867,6 +4958,8 @@ def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload
                 begin(drain_timeout)
             if b"S" in data:
                 cut()
+            if b"R" in data:
+                reopen_access_log()
         for sig in arrived:
             name = signal.Signals(sig).name
             if sig in STOP_SIGNALS:
@@ -4879,6 +4972,8 @@ def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload
                     cut()
             elif sig == signal.SIGHUP and reload is not None:
                 reload()
+            elif sig == signal.SIGUSR1:
+                reopen_access_log()
             else:
                 log.info("%s: nothing to do here", name)
     stopper.join()
@@ -5026,7 +5121,9 @@ def supervise(config: Config, ready=None) -> int:
             if sig == signal.SIGHUP:
                 control.reload()
             elif sig == signal.SIGUSR1:
-                log.info("SIGUSR1: nothing to do (logs go to stderr)")
+                reopen_access_log()
+                for worker in workers.values():
+                    worker.tell(b"R")
             elif sig in STOP_SIGNALS and not stopping:
                 stopping = True
                 log.info("%s: draining requests in flight (up to %gs)", signal.Signals(sig).name,
@@ -5065,13 +5162,13 @@ def worker_process(spec: str) -> int:
     """The body of a worker process (``load_balancer.py --worker-process ...``, started by
     supervise): serve on the handed-over socket until the supervisor says drain or stop, or goes
     away. Stop signals sent to the worker itself (systemd sends them to every process) drain it
-    too; HUP and USR1 are the supervisor's business."""
+    too; HUP is the supervisor's business; USR1 (sent to it, or passed on by the supervisor as
+    "R") reopens its access log."""
     index, workers, block_fd, lock_fd, listen_fd, control_fd, ready_fd = map(int, spec.split(","))
     threading.stack_size(THREAD_STACK_SIZE)
     settings = json.loads(read_line(control_fd))
     config = Config(**{**settings, "backends": tuple(settings["backends"])})
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
-    access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
+    configure_logging(config)  # the supervisor has opened the access log file: so can a worker
     signals = Signals()
     shared = SharedState.attach(block_fd, lock_fd, workers)
     worker = Worker(config, shared, index, socket.socket(fileno=listen_fd))
@@ -5371,13 +5468,20 @@ def _nginx_access_log(config: Config) -> list[str]:
                  "# address where it writes its name, and \"duration_s\" (seconds) for \"duration_ms\";",
                  "# time is local with an offset, to the second."],
     }[style]
+    if config.access_log == "-":
+        where = ["# --access-log -: load_balancer writes these lines to standard output; here they go",
+                 "# to access.log under the prefix (access_log /dev/stdout when nginx runs in a",
+                 "# container's foreground)."]
+        path = "access.log"
+    else:
+        where = ["# --access-log FILE: the same file; nginx reopens it on SIGUSR1 too (log rotation)."]
+        path = _nginx_word(config.access_log)
     return [
-        f"# --access-log, --access-log-format {style}: load_balancer writes these lines to stderr; here",
-        "# they go to access.log under the prefix (access_log /dev/stdout when nginx runs in a",
-        "# container's foreground).",
+        f"# --access-log-format {style}.",
+        *where,
         *notes,
         f"log_format load_balancer {formats[style]};",
-        "access_log access.log load_balancer;",
+        f"access_log {path} load_balancer;",
     ]
 
 
@@ -5898,6 +6002,9 @@ def _haproxy_access_log(config: Config) -> list[str]:
                  "    # the time to the second."],
     }[style]
     lines = [f"    # --access-log, --access-log-format {style}, on stdout."] + notes
+    if config.access_log != "-":
+        lines += ["    # load_balancer: HAProxy writes its log to syslog or standard output, never to a file",
+                  f"    # itself: have a syslog daemon write it to {config.access_log}."]
     if style in ("combined", "json"):
         lines += ["    capture request header Referer len 1024",
                   "    capture request header User-Agent len 1024"]
@@ -6080,9 +6187,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def program_name() -> str:
+    """The name the program was run as, for its usage and error lines: ``load-balancer`` (the
+    installed command), ``load_balancer.py``, ``python3 -m load_balancer``; ``load_balancer``
+    where there is none (``python3 -c``, an embedding program)."""
+    if __name__ == "__main__" and __spec__ is not None:  # python3 -m load_balancer
+        return f"{os.path.basename(sys.executable) or 'python3'} -m {__spec__.name}"
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and name != "-c" else "load_balancer"
+
+
 def build_parser() -> ArgumentParser:
     """The command line, built from the Config fields: a flag per setting, in its group."""
-    p = ArgumentParser(prog="load_balancer", description="Round-robin HTTP/1.1 load balancer "
+    p = ArgumentParser(prog=program_name(), description="Round-robin HTTP/1.1 load balancer "
                        "(one file, standard library only).")
     groups: dict = {}
     for item in fields(Config):
@@ -6093,6 +6210,8 @@ def build_parser() -> ArgumentParser:
         if meta["type"] is bool:
             options["action"] = "store_true"
         else:
+            if meta["const"] is not None:
+                options.update(nargs="?", const=meta["const"])
             options.update(type=meta["type"] or str, metavar=meta["metavar"],
                            choices=meta["choices"], default=item.default)
             if meta["choices"]:
@@ -6104,7 +6223,7 @@ def build_parser() -> ArgumentParser:
         group.add_argument(flag_of(item), **options)
     p.add_argument("--export", choices=("nginx", "haproxy"), type=str.lower,
                    help="print an nginx.conf or haproxy.cfg that reproduces this balancer, then exit")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"load_balancer {__version__}")
     return p
 
 
@@ -6134,8 +6253,10 @@ def main(argv: list[str] | None = None) -> int:
     if export:
         sys.stdout.write(export_config(config, export))
         return 0
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
-    access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
+    try:
+        configure_logging(config)
+    except OSError as error:
+        parser.error(f"cannot open --access-log {config.access_log}: {describe_os_error(error)}")
     if config.workers > 1 and not (hasattr(socket, "SO_REUSEPORT") and fcntl):
         log.warning("--workers needs SO_REUSEPORT and fcntl, which this system lacks: one worker")
         config = replace(config, workers=1)
@@ -6145,7 +6266,7 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(config, ready=lambda config, control: announce(
             config, config.port, control.admin.server_address[1] if control.admin else None))
     except ListenError as error:
-        sys.stderr.write(f"load_balancer: error: {error.strerror}\n")
+        sys.stderr.write(f"{parser.prog}: error: {error.strerror}\n")
         return 1
 
 

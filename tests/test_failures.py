@@ -1050,7 +1050,7 @@ def test_backend_url_with_credentials_is_refused_in_one_line(cli):
     assert p.wait_for_line("credentials", timeout=5)
     p.wait_for_line("\0never\0", timeout=5)  # until stderr ends
     lines = [line for line in p.stderr_text().splitlines() if line.strip()]
-    assert lines == ["load_balancer: error: invalid backend URL 'http://user:pw@127.0.0.1:8001': "
+    assert lines == ["load_balancer.py: error: invalid backend URL 'http://user:pw@127.0.0.1:8001': "
                      "credentials in backend URLs are not supported (see --help)"], lines
 
 

@@ -619,7 +619,7 @@ def test_non_loopback_admin_host_needs_a_token(cli, upstreams):
     assert p.proc.wait(10) == 2
     assert wait_until(lambda: None in p.lines, timeout=5)  # stderr read to its end
     assert p.stderr_text().splitlines() == [
-        "load_balancer: error: --admin-host 0.0.0.0 is not a loopback address: give --admin-token "
+        "load_balancer.py: error: --admin-host 0.0.0.0 is not a loopback address: give --admin-token "
         "too, or anyone who can reach it can drain your upstreams (see --help)"]
     assert p.proc.stdout.read() == ""
     assert refuses(admin_port)
@@ -745,7 +745,7 @@ def test_second_balancer_on_a_held_port_exits_1_and_the_first_keeps_serving(cli,
     assert wait_until(lambda: None in second.lines, timeout=5)  # stderr read to its end
     lock = os.path.join(tempfile.gettempdir(), f"load_balancer-port-{port}.lock")
     assert second.stderr_text().splitlines() == [
-        f"load_balancer: error: cannot listen on port {port}: another load_balancer "
+        f"load_balancer.py: error: cannot listen on port {port}: another load_balancer "
         f"(pid {first.proc.pid}) is serving it (lock {lock})"]
 
     assert first.proc.poll() is None
