@@ -2068,6 +2068,15 @@ class HealthChecker:
         self.checks.clear()
 
 
+def body_break_detail(cause: BaseException, config: Config) -> str:
+    """Why a response body ended before its end, for the log. --timeout also bounds the wait
+    between reads of a body: an event stream or a long poll idle that long is cut, and says so."""
+    if isinstance(cause, (socket.timeout, BlockingIOError)):
+        return (f"the response body stalled: nothing from the upstream for {config.timeout:g}s "
+                "(--timeout), so the idle stream was cut")
+    return f"the upstream broke off the response body: {describe_os_error(cause)}"
+
+
 def describe_os_error(error: BaseException) -> str:
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
@@ -2744,8 +2753,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.relay_body(conn, head, out, chunked)
             done = True
         except ReadError as error:
-            failure = UpstreamError("body", 502, "the upstream broke off the response body: "
-                                                 f"{describe_os_error(error.__cause__)}")
+            failure = UpstreamError("body", 502, body_break_detail(error.__cause__, self.config))
             self.stats.error(backend.stats_base, "body")
             self.upstream_failed(backend, failure)
         except (WriteError, ClientError):
@@ -3255,12 +3263,16 @@ class ProxyServer(ThreadingHTTPServer):
                 peer = handler.tunnel_peer
                 if peer is not None:
                     peer.shutdown(socket.SHUT_RDWR)
-        if cut:
-            log.warning("drain timeout: %d request(s) or tunnel(s) in flight were cut off", cut)
+        if cut and self.cut_off:
+            log.warning("drain ended early by a second stop signal: %d request(s) or tunnel(s) in "
+                        "flight were cut off", cut)
+        elif cut:
+            log.warning("drain timeout: %d request(s) or tunnel(s) still in flight after %gs were "
+                        "cut off", cut, timeout)
         self.closer.stop()
 
     def cut(self) -> None:
-        """End a drain now: what is still in flight is cut off."""
+        """End a drain now, as a second stop signal does: what is still in flight is cut off."""
         with self.lock:
             self.cut_off = True
             self.drain_deadline = 0.0
