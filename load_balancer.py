@@ -5894,6 +5894,11 @@ def _haproxy_defaults(config: Config, specs: tuple) -> list[str]:
         f"    timeout tunnel {_export_time(config.tunnel_timeout)}",
         "    # Connections kept alive on both sides.",
         "    option http-keep-alive",
+        "    # Bytes pass on as they arrive, as load_balancer passes them: without this HAProxy holds",
+        "    # a piece of a body it expects more of (MSG_MORE) for up to 200 ms, so every Server-Sent",
+        "    # Event would arrive that late. It costs bulk throughput (more, smaller sends): remove it",
+        "    # if no response streams.",
+        "    option http-no-delay",
     ]
     if config.pool_size:
         lines += ["    # --pool-size: idle upstream connections reused (pool-max-conn per server below).",
