@@ -3462,7 +3462,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         control = self.server.control
         if path in ("/", "/index.html"):
             allowed, page = ("GET", "HEAD"), lambda: (
-                "text/html; charset=utf-8", render_dashboard(control.status(history=False)).encode())
+                "text/html; charset=utf-8", render_dashboard(control.status(history=True)).encode())
         elif path in ("/status", "/status/"):
             allowed, page = ("GET", "HEAD"), lambda: (
                 "application/json", (json.dumps(control.status(history="history=1" in query.split("&")),
@@ -3716,6 +3716,12 @@ button:hover:not(:disabled){background:var(--alt)}
 button:disabled{cursor:default}
 button.on{font-weight:600;color:var(--c);background:color-mix(in srgb,var(--c) 15%,transparent)}
 [data-act=ready]{--c:var(--up)}[data-act=drain]{--c:var(--drain)}[data-act=maint]{--c:var(--maint)}
+.token{display:flex;flex-wrap:wrap;align-items:center;gap:8px 12px;font-weight:400;
+background:color-mix(in srgb,var(--accent) 10%,transparent);border-color:var(--accent)}
+.token label{flex:1 1 320px}
+.token input{font:inherit;padding:4px 8px;border-radius:6px;border:1px solid var(--line);
+background:var(--bg);color:var(--text);min-width:220px}
+.token button,#token-forget{border:1px solid var(--line);border-radius:6px;padding:4px 10px}
 #toast{position:fixed;right:16px;bottom:16px;max-width:420px;padding:10px 14px;border-radius:8px;
 background:var(--panel);border:1px solid var(--accent);box-shadow:0 6px 24px #0006}
 #toast.err{border-color:var(--down);color:var(--down)}
@@ -3752,7 +3758,10 @@ DASHBOARD_JS = r"""
 (() => {
 const WINDOW = 300;                 // seconds of history kept and drawn
 const $ = (id) => document.getElementById(id);
-const rows = new Map(), series = new Map(), total = {t: [], r: [], e: []};
+const rows = new Map(), series = new Map();
+// The whole balancer: every response to a client, and the 5xx it answered itself (no upstream
+// available, upstream failures), as /status counts them in requests_total and failed_total.
+const total = {t: [], r: [], e: [], last: null, now: null, at: 0};
 let prev = null, skew = 0, gap = 3, lastOk = null;
 
 const num = (v) => (typeof v === "number" && isFinite(v)) ? v : 0;
@@ -3810,22 +3819,14 @@ function backfill(st) {
   if (!h || !Array.isArray(h.t) || !h.t.length) return;
   gap = Math.max(3, 3 * num(h.interval_seconds));
   skew = Math.max(0, h.t[h.t.length - 1] - clock(st));
-  const sums = new Map();
-  for (const [name, v] of Object.entries(h.backends || {})) {
-    const s = track(name), req = v.requests || [], err = v.errors || [];
-    h.t.forEach((t, i) => {
-      if (typeof req[i] !== "number") return;
-      feed(s, t, req[i], num(err[i]));
-      if (s.at !== t) return;
-      const a = sums.get(t) || [0, 0];
-      a[0] += s.now.r; a[1] += s.now.e; sums.set(t, a);
-    });
+  const all = [[total, h.requests_total || [], h.failed_total || []]];
+  for (const [name, v] of Object.entries(h.backends || {})) all.push([track(name), v.requests || [], v.errors || []]);
+  for (const [s, req, err] of all) {
+    h.t.forEach((t, i) => { if (typeof req[i] === "number") feed(s, t, req[i], num(err[i])); });
     // The live counters start a new baseline: the last history sample may be up to one
     // interval older than this response, and our clock for it is only known to a second.
+    // The last interval's rate stays shown until the next poll gives a live one.
     s.last = null;
-  }
-  for (const t of [...sums.keys()].sort((a, b) => a - b)) {
-    total.t.push(t); total.r.push(sums.get(t)[0]); total.e.push(sums.get(t)[1]);
   }
 }
 
@@ -3925,13 +3926,13 @@ function render(st) {
   $("panic").hidden = !st.panic;
 
   const req = num(st.requests_total), ref = num(st.refused_total), fail = num(st.failed_total);
-  let rps = null, rr = 0, fr = 0;
-  if (prev && now - prev.t >= 0.25 && req >= prev.req) {
-    const dt = now - prev.t;
-    rps = (req - prev.req) / dt; rr = Math.max(0, ref - prev.ref) / dt; fr = Math.max(0, fail - prev.fail) / dt;
-  }
-  if (!prev || now - prev.t >= 0.25) prev = {t: now, req, ref, fail};
-  if (rps !== null) put($("t-rps"), rate(rps));
+  feed(total, now, req, fail);
+  trim(total, now);
+  const fr = total.now ? total.now.e : 0;
+  let rr = 0;
+  if (prev && now - prev.t >= 0.25) rr = Math.max(0, ref - prev.ref) / (now - prev.t);
+  if (!prev || now - prev.t >= 0.25) prev = {t: now, ref};
+  if (total.now) put($("t-rps"), rate(total.now.r));
   put($("requests-total"), req);
   put($("t-inflight"), num(st.in_flight)); put($("t-conns"), num(st.connections));
   const tun = st.tunnels || {};
@@ -3958,12 +3959,10 @@ function render(st) {
   put($("bytes-in"), bytes(num(st.bytes_received))); put($("bytes-out"), bytes(num(st.bytes_sent)));
 
   const seen = new Set(), tbody = $("rows"), counts = {up: 0, down: 0, drain: 0, maint: 0};
-  let rsum = 0, esum = 0, fresh = false;
   backends.forEach((b, i) => {
     const name = String(b.name), s = track(name), tr = row(name);
     seen.add(name);
     feed(s, now, num(b.requests), sum(b.errors));
-    if (s.at === now) { rsum += s.now.r; esum += s.now.e; fresh = true; }
     trim(s, now);
     fill(tr, b, s, now);
     counts[b.state] = (counts[b.state] || 0) + 1;
@@ -3980,8 +3979,6 @@ function render(st) {
   }
   document.title = (counts.down ? `▼ ${counts.down} down · ` : "") + "Load balancer " + (st.listen || "");
 
-  if (fresh) { total.t.push(now); total.r.push(rsum); total.e.push(esum); }
-  trim(total, now);
   put($("c-max"), draw($("chart"), total, now) + " req/s");
 }
 
@@ -4028,25 +4025,62 @@ function toast(msg, bad) {
   clearTimeout(toastTimer); toastTimer = setTimeout(() => { t.hidden = true; }, bad ? 10000 : 4000);
 }
 
-document.addEventListener("click", async (ev) => {
-  const btn = ev.target.closest("button[data-act]");
-  if (!btn) return;
-  const name = btn.closest("tr").getAttribute("data-backend"), act = btn.dataset.act;
-  const ask = {drain: `Drain ${name}? It finishes what it has and gets no new requests.`,
-               maint: `Put ${name} in maintenance? It is taken out of rotation at once.`}[act];
-  if (ask && !confirm(ask)) return;
+// --admin-token: the operator gives it once; it is kept in this tab's sessionStorage (gone when
+// the tab closes, never sent anywhere but this balancer) and sent as Authorization: Bearer.
+const TOKEN = "load_balancer.admin_token";
+let pending = null;                 // the action that waits for a token
+function token() { try { return sessionStorage.getItem(TOKEN) || ""; } catch (e) { return ""; } }
+function keepToken(t) {
+  try { t ? sessionStorage.setItem(TOKEN, t) : sessionStorage.removeItem(TOKEN); } catch (e) { /* storage off */ }
+  $("token-forget").hidden = !t;
+}
+function askToken(why) {
+  put($("token-why"), why);
+  $("token").hidden = false;
+  $("token-input").value = "";
+  $("token-input").focus();
+}
+
+async function act(name, action, btn) {
   btn.disabled = true;
   try {
+    const headers = token() ? {Authorization: "Bearer " + token()} : {};
     // Upstream names are host:port; keep the colon readable in the path.
-    const r = await fetch(`backends/${encodeURIComponent(name).replace(/%3A/gi, ":")}/${act}`,
-                          {method: "POST", cache: "no-store"});
+    const r = await fetch(`backends/${encodeURIComponent(name).replace(/%3A/gi, ":")}/${action}`,
+                          {method: "POST", cache: "no-store", headers});
     const body = (await r.text()).trim().slice(0, 300);
-    if (r.ok) toast(`${name}: ${act} accepted`);
-    else toast(`${name}: ${act} refused (${r.status}${r.status === 401 || r.status === 403 ?
+    if (r.ok) toast(`${name}: ${action} accepted`);
+    else if (r.status === 401) {
+      pending = {name, action, btn};
+      askToken(token() ? "That admin token was refused: give the balancer's --admin-token."
+        : "Admin actions on this balancer need its --admin-token.");
+      if (token()) keepToken("");
+    } else toast(`${name}: ${action} refused (${r.status}${r.status === 403 ?
       ", not allowed from here" : ""}) ${body}`, true);
-  } catch (e) { toast(`${name}: ${act} failed: ${e.message}`, true); }
+  } catch (e) { toast(`${name}: ${action} failed: ${e.message}`, true); }
   btn.disabled = false;
+}
+
+document.addEventListener("click", (ev) => {
+  const btn = ev.target.closest("button[data-act]");
+  if (!btn) return;
+  const name = btn.closest("tr").getAttribute("data-backend"), action = btn.dataset.act;
+  const ask = {drain: `Drain ${name}? It finishes what it has and gets no new requests.`,
+               maint: `Put ${name} in maintenance? It is taken out of rotation at once.`}[action];
+  if (ask && !confirm(ask)) return;
+  act(name, action, btn);
 });
+$("token").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  keepToken($("token-input").value.trim());
+  $("token").hidden = true;
+  const p = pending;
+  pending = null;
+  if (p && token()) act(p.name, p.action, p.btn);
+});
+$("token-cancel").addEventListener("click", () => { $("token").hidden = true; pending = null; });
+$("token-forget").addEventListener("click", () => { keepToken(""); toast("admin token forgotten"); });
+keepToken(token());
 
 for (const tr of document.querySelectorAll("#rows tr[data-backend]")) rows.set(tr.getAttribute("data-backend"), tr);
 put($("live-text"), "Connecting…");
@@ -4083,8 +4117,13 @@ reloaded every 10 seconds. Rates and charts need JavaScript.</div></noscript>
 <div id="panic" class="banner panic" role="alert"$panic_hidden>&#9888; Panic mode: every upstream is out after
 failed requests, so requests are tried on them anyway; the first one that succeeds ends it.</div>
 <div id="lost" class="banner lost" role="alert" hidden><b>&#9888; Connection lost.</b> <span id="lost-why"></span></div>
+<form id="token" class="banner token" hidden><label for="token-input"><b>Admin token.</b>
+<span id="token-why"></span> It is kept in this browser tab only (sessionStorage) and sent as
+<code>Authorization: Bearer</code>.</label><input id="token-input" type="password" autocomplete="off"
+required aria-label="admin token"><button type="submit">Use token</button><button type="button"
+id="token-cancel">Cancel</button></form>
 <section class="tiles">
-<div class="tile"><h3>Requests/s</h3><b id="t-rps">–</b><small><span id="requests-total">$requests</span> total</small></div>
+<div class="tile"><h3>Requests/s</h3><b id="t-rps">$rps</b><small><span id="requests-total">$requests</span> total</small></div>
 <div class="tile"><h3>In flight</h3><b id="t-inflight">$in_flight</b><small>requests</small></div>
 <div class="tile"><h3>Connections</h3><b id="t-conns">$connections</b><small>from clients</small></div>
 <div class="tile"><h3>Open tunnels</h3><b id="t-tunnels">$tunnels</b><small id="t-tunnels-total">$tunnels_total total</small></div>
@@ -4095,9 +4134,9 @@ failed requests, so requests are tried on them anyway; the first one that succee
 </section>
 <div class="grid2">
 <section class="panel js">
-<div class="ph"><h2>Traffic to upstreams</h2><span class="mute" style="font-size:12px">
-<i class="key" style="background:var(--accent)"></i>requests/s<i class="key" style="background:var(--down)"></i>errors/s
-&nbsp;· last 5 minutes</span></div>
+<div class="ph"><h2>Requests</h2><span class="mute" style="font-size:12px">
+<i class="key" style="background:var(--accent)"></i>requests/s from clients<i class="key"
+style="background:var(--down)"></i>failed/s (5xx answered by the balancer itself) &nbsp;· last 5 minutes</span></div>
 <div class="chart"><svg id="chart" viewBox="0 0 1000 150" preserveAspectRatio="none" aria-hidden="true">
 <path class="grid" d="M0 37.5H1000M0 75H1000M0 112.5H1000"/><path class="ar"/><path class="ln"/><path class="er"/></svg>
 <span id="c-max" style="top:2px;left:4px;bottom:auto"></span><span style="left:0">−5 min</span>
@@ -4121,7 +4160,8 @@ failed requests, so requests are tried on them anyway; the first one that succee
 </table></div>
 </section>
 </main>
-<footer>All numbers come from <a href="status">/status</a> (JSON).</footer>
+<footer>All numbers come from <a href="status">/status</a> (JSON).
+<button type="button" id="token-forget" class="js" hidden>Forget the admin token</button></footer>
 <div id="toast" role="status" hidden></div>
 <template id="row-tpl">$template_row</template>
 <script>$js</script>
@@ -4162,6 +4202,30 @@ def _dashboard_ms(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "–"
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{round(value)}"
+
+
+def _dashboard_rate(history: object) -> str:
+    """Requests/s over the last interval of /status's history, in the page script's rate()
+    format, so that the first paint shows what is known; "–" before there are two samples."""
+    if not isinstance(history, dict):
+        return "–"
+    times, totals = history.get("t"), history.get("requests_total")
+    if not isinstance(times, list) or not isinstance(totals, list) or len(times) < 2 or len(totals) != len(times):
+        return "–"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in times + totals):
+        return "–"
+    # The sample before the last one, at least a quarter second earlier (as the script's feed()).
+    t1, r1 = times[-1], totals[-1]
+    earlier = [(t, r) for t, r in zip(times[:-1], totals[:-1]) if t1 - t >= 0.25]
+    if not earlier or earlier[-1][1] > r1:
+        return "–"
+    t0, r0 = earlier[-1]
+    value = (r1 - r0) / (t1 - t0)
+    if value >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    return str(int(value + 0.5)) if value >= 100 or value == 0 else f"{value:.1f}"
 
 
 def _dashboard_row(backend: dict) -> str:
@@ -4206,8 +4270,9 @@ def _dashboard_row(backend: dict) -> str:
 def render_dashboard(status: dict) -> str:
     """The complete HTML page for ``GET /`` on the admin listener, from one /status snapshot.
 
-    Called by the admin route for ``/`` with the same dict that ``/status`` serves (history not
-    needed). The page shows every number without JavaScript; with it, it polls ``/status``.
+    Called by the admin route for ``/`` with the dict that ``/status?history=1`` serves (the
+    history gives the first paint its requests/s). The page shows every number without
+    JavaScript; with it, it polls ``/status``.
     Never raises on a missing or odd field: a broken dashboard is worst exactly when something
     else is broken too."""
     e = html.escape
@@ -4241,6 +4306,7 @@ def render_dashboard(status: dict) -> str:
         rendered=time.strftime("%H:%M:%S UTC", time.gmtime()),
         panic_hidden="" if status.get("panic") else " hidden",
         requests=n(status.get("requests_total")),
+        rps=_dashboard_rate(status.get("history")),
         in_flight=n(status.get("in_flight")),
         connections=n(status.get("connections")),
         tunnels=n(tunnels.get("open")),
@@ -4420,10 +4486,11 @@ class Control:
         history, and a log line when an ejection ends by itself."""
         _, per_slot, _ = self.counters()
         now = time.time()
-        self.history.append((now, {slot: (sum(record[U_CODES:U_HISTOGRAM]),
-                                          sum(record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)]),
-                                          record[U_HISTOGRAM:U_LATENCY_SUM])
-                                   for slot, record in per_slot.items()}))
+        samples = {slot: (sum(record[U_CODES:U_HISTOGRAM]), sum(record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)]),
+                          record[U_HISTOGRAM:U_LATENCY_SUM]) for slot, record in per_slot.items()}
+        # The whole balancer too (requests_total, failed_total): its own 503s are traffic as well.
+        totals = (sum(sample[0] for sample in samples.values()), responses_by_class(per_slot[0])["5xx"])
+        self.history.append((now, samples, totals))
         now_us = monotonic_us()
         for slot, spec in self.current:
             state = self.shared.routing_state(slot, now_us)
@@ -4441,7 +4508,7 @@ class Control:
     def latency(self, slot: int, histogram: list) -> dict:
         """p50 and p99 (ms) over the last minute, from the histogram now and a minute ago."""
         then = None
-        for when, sample in self.history:
+        for when, sample, _ in self.history:
             if when >= time.time() - 60 and slot in sample:
                 then = sample[slot][2]
                 break
@@ -4517,14 +4584,16 @@ class Control:
         samples = list(self.history)
         series = {}
         for slot, spec in self.current:
-            points = [sample.get(slot) for _, sample in samples]
+            points = [sample.get(slot) for _, sample, _ in samples]
             series[spec.name] = {
                 "requests": [p[0] if p else None for p in points],
                 "errors": [p[1] if p else None for p in points],
                 "p99_ms": [None] + [quantile([a - b for a, b in zip(p[2], q[2])], 0.99) if p and q else None
                                     for q, p in zip(points, points[1:])],
             }
-        return {"interval_seconds": SAMPLE_SECONDS, "t": [round(when, 3) for when, _ in samples],
+        return {"interval_seconds": SAMPLE_SECONDS, "t": [round(when, 3) for when, _, _ in samples],
+                "requests_total": [totals[0] for _, _, totals in samples],
+                "failed_total": [totals[1] for _, _, totals in samples],
                 "backends": series}
 
     def metrics(self) -> str:
