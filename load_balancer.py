@@ -210,7 +210,8 @@ class Config:
                            check=at_least_one)
     # Upstream side. nginx: proxy_connect_timeout 60s, proxy_read_timeout 60s.
     timeout: float = setting(30.0, "seconds to wait for an upstream's response head, and between "
-                             "reads of its body (504 after)", group="upstream side", type=float, check=positive)
+                             "reads of its body (504 after; an event stream idle that long is cut)",
+                             group="upstream side", type=float, check=positive)
     connect_timeout: float = setting(5.0, "seconds to wait for an upstream to accept a connection",
                                      group="upstream side", type=float, check=positive)
     pool_size: int = setting(64, "idle keep-alive connections kept per upstream (Go: MaxIdleConnsPerHost)",
@@ -6051,11 +6052,20 @@ def _haproxy_certificate(config: Config) -> tuple[str, bool, list[str]]:
         return cert, False, ["    # The key is FILE.key, where HAProxy looks for it."]
     if cert.endswith(".crt") and key == cert[:-4] + ".key":
         return cert, True, ["    # The key is the .crt's .key, found with ssl-load-extra-del-ext (global)."]
+    certbot = re.fullmatch(r"/etc/letsencrypt/live/([^/]+)/[^/]+", cert)
+    if certbot and os.path.dirname(key) == os.path.dirname(cert):
+        # Not into certbot's live/ folder, which certbot owns: where the deploy hook writes it.
+        combined = f"/etc/haproxy/certs/{certbot.group(1)}.pem"
+        return combined, False, [
+            "    # load_balancer: HAProxy reads the key from the certificate's PEM file; certbot writes",
+            "    # two. examples/certbot-deploy-haproxy.sh, as a certbot deploy hook, writes them as",
+            f"    # {combined} after each renewal and reloads HAProxy (see the README).",
+        ]
     combined = cert + ".haproxy.pem"
     return combined, False, [
         "    # load_balancer: HAProxy reads the key from the certificate's PEM file or from FILE.key",
         "    # beside it (a crt-store, HAProxy 3.0+, can name any key file); make one PEM file, and",
-        "    # again after each renewal:",
+        "    # again after each renewal (a certbot deploy hook: see the README):",
         f"    #   cat {_export_shell_word(cert)} {_export_shell_word(key)} "
         f"> {_export_shell_word(combined)}",
     ]
