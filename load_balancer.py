@@ -4898,6 +4898,10 @@ class AccessLogFile(logging.Handler):
         self.path = path
         self.fd = sys.stdout.fileno() if path == "-" else self.open()
         self.setFormatter(logging.Formatter("%(message)s"))
+        # A full disk or a closed pipe loses lines, as in nginx: said in the error log, not a
+        # traceback a request.
+        self.failures = RateLimitedLog(f"access log {'on standard output' if path == '-' else path}",
+                                       "line(s) lost")
 
     def open(self) -> int:
         """A descriptor of the file at `path` (OSError if it cannot be opened). 0640: the lines name
@@ -4909,6 +4913,9 @@ class AccessLogFile(logging.Handler):
             view = memoryview((self.format(record) + "\n").encode("utf-8", "replace"))
             while view:
                 view = view[os.write(self.fd, view):]
+        except OSError as error:
+            self.failures.note(f"{self.failures.subject}: cannot write: {describe_os_error(error)}; "
+                               "the line is lost")
         except Exception:
             self.handleError(record)
 

@@ -166,3 +166,19 @@ def test_the_end_of_a_burst_of_503s_is_summarised(upstreams, balancer, caplog, m
         [r.getMessage() for r in caplog.records]
     assert [r.getMessage() for r in caplog.records if "503" in r.getMessage()] == [
         "requests answered 503: no upstream is available", summary]
+
+
+def test_a_line_that_cannot_be_written_is_said_in_the_error_log(caplog, monkeypatch):
+    """A full disk (/dev/full) loses lines, as in nginx: one warning, then a count, no traceback."""
+    monkeypatch.setattr(lb, "LOG_SUMMARY_SECONDS", 0.3)
+    caplog.set_level(logging.WARNING, logger="load_balancer")
+    handler = lb.AccessLogFile("/dev/full")
+    try:
+        for i in range(3):
+            handler.handle(logging.makeLogRecord({"msg": f"line {i}", "levelno": logging.INFO}))
+        expected = ["access log /dev/full: cannot write: no space left on device; the line is lost",
+                    "access log /dev/full: 2 more line(s) lost in the last 0.3s"]
+        assert wait_until(lambda: [r.getMessage() for r in caplog.records] == expected, timeout=3), \
+            [r.getMessage() for r in caplog.records]
+    finally:
+        handler.close()
