@@ -2374,7 +2374,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.config = self.server.config
         self.stats = self.server.stats
         # The setting, and the logger's level (which an embedding program may set): once here.
-        self.logging_access = self.config.access_log and access_log.isEnabledFor(logging.INFO)
+        self.logging_access = self.config.access_log is not None and access_log.isEnabledFor(logging.INFO)
         self.client_ip = self.client_address[0].encode("ascii")
         self.busy = False             # between the first byte of a request and the end of its answer
         self.evicted = False          # closed to make room for a new connection (see ProxyServer)
