@@ -197,12 +197,17 @@ def worker_count(text: str) -> int:
 RETRY_CONDITIONS = frozenset({"conn-failure", "empty-response", "response-timeout", "none"})
 
 
+def log_destination(value) -> str | None:
+    return None if value and not any(c in value for c in "\r\n\0") else "must be a file, or - for standard output"
+
+
 def setting(default, help: str, *, group: str = "general", type=None, check=None, choices=None,
-            metavar: str | None = None, reload: bool = False, flag: str | None = None):
-    """A Config field with what the command line, validation and reload need to know of it."""
+            metavar: str | None = None, reload: bool = False, flag: str | None = None, const=None):
+    """A Config field with what the command line, validation and reload need to know of it.
+    `const`: the value of the flag given without one."""
     return field(default=default, metadata={
         "help": help, "group": group, "type": type, "check": check, "choices": choices,
-        "metavar": metavar, "reload": reload, "flag": flag})
+        "metavar": metavar, "reload": reload, "flag": flag, "const": const})
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,8 @@ class Config:
                            check=at_least_one)
     # Upstream side. nginx: proxy_connect_timeout 60s, proxy_read_timeout 60s.
     timeout: float = setting(30.0, "seconds to wait for an upstream's response head, and between "
-                             "reads of its body (504 after)", group="upstream side", type=float, check=positive)
+                             "reads of its body (504 after; an event stream idle that long is cut)",
+                             group="upstream side", type=float, check=positive)
     connect_timeout: float = setting(5.0, "seconds to wait for an upstream to accept a connection",
                                      group="upstream side", type=float, check=positive)
     pool_size: int = setting(64, "idle keep-alive connections kept per upstream (Go: MaxIdleConnsPerHost)",
@@ -285,7 +291,12 @@ class Config:
     admin_token: str | None = setting(None, "bearer token every admin POST must carry (required "
                                       "when --admin-host is not a loopback address)",
                                       group="operations", metavar="TOKEN")
-    access_log: bool = setting(False, "log every request", group="operations", type=bool)
+    # nginx's access_log: its own file, lines exactly the format. The flag alone (in 2.0.0 it
+    # was a switch) is standard output.
+    access_log: str | None = setting(None, "append one line per request to FILE, in the access "
+                                     "log format and nothing else; '-' (or the flag alone): "
+                                     "standard output. SIGUSR1 opens FILE again (log rotation)",
+                                     group="operations", metavar="FILE", check=log_destination, const="-")
     access_log_format: str = setting("short", "access log line", group="operations",
                                      choices=("short", "common", "combined", "json"))
     log_level: str = setting("info", "logging level", group="operations",
@@ -302,6 +313,8 @@ class Config:
     def __post_init__(self):
         """Refuse impossible settings with a one-line reason naming the flag (ValueError), and
         read --backends-file (its errors name the line)."""
+        if isinstance(self.access_log, bool):  # a program written for 2.0.0 passes the old switch
+            object.__setattr__(self, "access_log", "-" if self.access_log else None)
         for item in self.settings():
             check, choices = item.metadata.get("check"), item.metadata.get("choices")
             value = getattr(self, item.name)
@@ -1454,12 +1467,13 @@ CONFIG_BYTES = 64 * 1024
 TLS_BYTES = 64 * 1024  # the certificate chain and key a reload checked, for every worker to load
 # Each upstream slot's state.
 (S_IN_USE, S_HEALTH, S_ADMIN, S_EJECTED_UNTIL, S_EJECTED_UNTIL_WALL, S_CONSECUTIVE_FAILURES,
- S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH, S_REASON_IS_EJECTION) = range(12)
+ S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH) = range(11)
 STATE_INTS = 12
 REASON_BYTES = 240
 HEALTH_STATES = ("unchecked", "up", "down")            # S_HEALTH's values, by name
 HEALTH_UNCHECKED, HEALTH_UP, HEALTH_DOWN = range(3)
 ADMIN_STATES = ("ready", "drain", "maint")             # S_ADMIN's values, by name
+LAPSED_EJECTION = "back in rotation: its fail timeout passed"
 # Each worker's block: its process, then one record per upstream slot.
 (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP, P_TUNNEL_BYTES_DOWN,
  P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(10)
@@ -1632,15 +1646,42 @@ class SharedState:
         start = slot * REASON_BYTES
         return bytes(self.reasons[start:start + self.get(slot, S_REASON_LENGTH)]).decode("utf-8", "replace")
 
-    def _set_reason(self, slot: int, text: str, *, since: bool = True, ejection: bool = False) -> None:
+    def _set_reason(self, slot: int, text: str, *, since: bool = True, at: int | None = None) -> None:
+        """Write the reason (who calls: reset, set_admin and _explain); `since` now, at `at`
+        (wall-clock microseconds), or unchanged."""
         data = text.encode("utf-8", "replace")[:REASON_BYTES]
         start = slot * REASON_BYTES
         self.reasons[start:start + len(data)] = data
         base = slot * STATE_INTS
         self.states[base + S_REASON_LENGTH] = len(data)
-        self.states[base + S_REASON_IS_EJECTION] = ejection
-        if since:
+        if at is not None:
+            self.states[base + S_SINCE] = at
+        elif since:
             self.states[base + S_SINCE] = int(time.time() * 1e6)
+
+    def _explain(self, slot: int, text: str, *, since: bool = True, at: int | None = None) -> None:
+        """The reason shown is the one that decides the routing state: while an operator's drain
+        or maint holds, what health checks and requests find is counted but not written over it."""
+        if not self.states[slot * STATE_INTS + S_ADMIN]:
+            self._set_reason(slot, text, since=since, at=at)
+
+    def _end_lapsed_ejection(self, slot: int) -> None:
+        """An ejection whose --fail-timeout ran out ends where it is next seen (a request, a check,
+        an operator): cleared, and said as of when it ran out. Called with the lock held."""
+        base = slot * STATE_INTS
+        self.states[base + S_EJECTED_UNTIL] = 0
+        self._explain(slot, LAPSED_EJECTION, at=self.states[base + S_EJECTED_UNTIL_WALL])
+
+    def ejection_lapsed(self, slot: int, now_us: int) -> bool:
+        """An ejection ran out and nothing has cleared it yet (the state says so, not the text)."""
+        return 0 < self.get(slot, S_EJECTED_UNTIL) <= now_us
+
+    def explained(self, slot: int, now_us: int) -> tuple[str, int]:
+        """(reason, since) as /status shows them: an ejection that ran out and that nothing has
+        cleared yet is said as such."""
+        if self.routing_state(slot, now_us) == "up" and self.ejection_lapsed(slot, now_us):
+            return LAPSED_EJECTION, self.get(slot, S_EJECTED_UNTIL_WALL)
+        return self.reason(slot), self.get(slot, S_SINCE)
 
     def reset(self, slot: int, reason: str) -> None:
         """A slot given to a new backend name starts as HAProxy starts a server: up, unchecked."""
@@ -1675,8 +1716,8 @@ class SharedState:
             states[base + S_EJECTED_UNTIL] = now + int(config.fail_timeout * 1e6)
             states[base + S_EJECTED_UNTIL_WALL] = int((time.time() + config.fail_timeout) * 1e6)
             states[base + S_EJECTIONS] += 1
-            self._set_reason(slot, f"out for {config.fail_timeout:g}s after {failures} failed requests "
-                                   f"in a row, last: {detail}", ejection=True)
+            self._explain(slot, f"out for {config.fail_timeout:g}s after {failures} failed requests "
+                                f"in a row, last: {detail}")
             self.header[H_GENERATION] += 1
         return True
 
@@ -1692,17 +1733,22 @@ class SharedState:
             base = slot * STATE_INTS
             self.states[base + S_CONSECUTIVE_FAILURES] = 0
             until = self.states[base + S_EJECTED_UNTIL]
-            self.states[base + S_EJECTED_UNTIL] = 0  # an ejection that ran out is cleared too
-            if until <= monotonic_us():
+            if not until:
                 return False
-            self._set_reason(slot, "back in rotation: a request to it succeeded")
+            if until <= monotonic_us():
+                self._end_lapsed_ejection(slot)
+                return False
+            self.states[base + S_EJECTED_UNTIL] = 0
+            self._explain(slot, "back in rotation: a request to it succeeded")
             self.header[H_GENERATION] += 1
         return True
 
-    def record_check(self, slot: int, ok: bool, health: int | None, reason: str | None,
-                     *, end_ejection: bool) -> None:
-        """An active check's result: counted; `health` set when rise/fall changed it; `reason`
-        written (with a new `since` only when routing changes)."""
+    def record_check(self, slot: int, ok: bool, health: int | None, reason: str,
+                     *, may_end_ejection: bool) -> None:
+        """An active check's result: counted; `health` set when rise/fall changed it; an ejection
+        in effect ended when `may_end_ejection` (a passing HTTP check). `reason` is written where
+        the check decides the routing state: not over an ejection still in effect, nor over an
+        operator's state (see _explain); with a new `since` only when routing changes."""
         with self.lock:
             base = slot * STATE_INTS
             states = self.states
@@ -1710,27 +1756,32 @@ class SharedState:
             changed = health is not None and health != states[base + S_HEALTH]
             if health is not None:
                 states[base + S_HEALTH] = health
-            if end_ejection and states[base + S_EJECTED_UNTIL] > monotonic_us():
+            until = states[base + S_EJECTED_UNTIL]
+            ejected = until > monotonic_us()
+            if ejected and may_end_ejection:
                 states[base + S_EJECTED_UNTIL] = 0
                 states[base + S_CONSECUTIVE_FAILURES] = 0
-                changed = True
-            if reason is not None:
-                self._set_reason(slot, reason, since=changed)
+                ejected, changed = False, True
+                reason = "back in rotation: " + reason
+            elif until and not ejected:
+                self._end_lapsed_ejection(slot)
+            if not ejected:
+                self._explain(slot, reason, since=changed)
             if changed:
                 self.header[H_GENERATION] += 1
 
-    def shown_reason(self, slot: int, routing: str) -> tuple[str, int]:
-        """The reason /status shows and since when (wall clock, us): an ejection whose time ran
-        out says so, though nothing has written a new reason since."""
-        base = slot * STATE_INTS
-        until_wall = self.states[base + S_EJECTED_UNTIL_WALL]
-        if routing == "up" and self.states[base + S_REASON_IS_EJECTION] and until_wall:
-            return "back in rotation: its fail timeout passed", until_wall
-        return self.reason(slot), self.states[base + S_SINCE]
-
     def set_admin(self, slot: int, state: str, reason: str) -> None:
+        """An operator's state. Back to ready, the reason also says what still keeps it out."""
         with self.lock:
-            self.states[slot * STATE_INTS + S_ADMIN] = ADMIN_STATES.index(state)
+            base = slot * STATE_INTS
+            states = self.states
+            states[base + S_ADMIN] = ADMIN_STATES.index(state)
+            if self.ejection_lapsed(slot, monotonic_us()):
+                states[base + S_EJECTED_UNTIL] = 0
+            if state == "ready" and states[base + S_HEALTH] == 2:
+                reason += "; still down: its health checks fail"
+            elif state == "ready" and states[base + S_EJECTED_UNTIL]:
+                reason += "; still out after failed requests"
             self._set_reason(slot, reason)
             self.header[H_GENERATION] += 1
 
@@ -1811,7 +1862,7 @@ class Backend:
         self.label = spec.url if spec.name == own_name else f"{spec.name} ({spec.url})"
         self.host_header = spec.netloc.encode("idna")
         self.pool = ConnectionPool(self, config)
-        self.failures = FailureLog(self)
+        self.failures = RateLimitedLog(f"upstream {self.label}", "failed request(s)")
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} {self.url}>"
@@ -1826,48 +1877,6 @@ class Backend:
         """As /status says: up, down (by health checks, or ejected after failed requests), drain
         or maint."""
         return shown_state(self.shared.routing_state(self.slot, monotonic_us()))
-
-
-class FailureLog:
-    """One WARNING for the first failure of an upstream, then at most one summary line (count and
-    kinds) per LOG_SUMMARY_SECONDS: a dead upstream under load must not write a line a request."""
-
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.lock = threading.Lock()
-        self.quiet_until = 0.0
-        self.kinds: collections.Counter = collections.Counter()
-        self.timer = None
-
-    def failed(self, kind: str, line: str) -> None:
-        with self.lock:
-            now = time.monotonic()
-            if now >= self.quiet_until and not self.kinds:
-                self.quiet_until = now + LOG_SUMMARY_SECONDS
-                log.warning("%s", line)
-                return
-            self.kinds[kind] += 1
-            if self.timer is None:
-                self.timer = threading.Timer(max(self.quiet_until - now, 0.0), self.summarise)
-                self.timer.daemon = True
-                self.timer.start()
-
-    def flush(self) -> None:
-        """Write the pending summary now (who calls: Worker.close, so that no line comes later)."""
-        with self.lock:
-            timer = self.timer
-        if timer is not None:
-            timer.cancel()
-            self.summarise()
-
-    def summarise(self) -> None:
-        with self.lock:
-            kinds, self.kinds, self.timer = self.kinds, collections.Counter(), None
-            self.quiet_until = time.monotonic() + LOG_SUMMARY_SECONDS
-        if kinds:
-            log.warning("upstream %s: %d more failed request(s) in the last %gs (%s)", self.backend.label,
-                        sum(kinds.values()), LOG_SUMMARY_SECONDS,
-                        ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common()))
 
 
 def smooth_weighted_cycle(backends: list) -> tuple:
@@ -2071,16 +2080,14 @@ class HealthChecker:
             new = HEALTH_UP
         elif not ok and health != HEALTH_DOWN and failed >= config.fall:
             new = HEALTH_DOWN
-        end_ejection = ok and config.health_path is not None
         if new == HEALTH_UP and health == HEALTH_DOWN:
             reason = f"up: {passed} health check(s) passed, last: {detail}"
         elif new == HEALTH_DOWN:
             reason = f"down: {failed} health check(s) failed in a row, last: {detail}"
-        elif shared.routing_state(slot, monotonic_us()) in ("up", "down") or end_ejection:
-            reason = f"health check {'passed' if ok else 'failed'}: {detail}"
         else:
-            reason = None  # an ejection or an operator's state says more
-        shared.record_check(slot, ok, new, reason, end_ejection=end_ejection)
+            reason = f"health check {'passed' if ok else 'failed'}: {detail}"
+        # Written only where the check decides the state (see SharedState.record_check).
+        shared.record_check(slot, ok, new, reason, may_end_ejection=ok and config.health_path is not None)
         if new == HEALTH_DOWN or (new == HEALTH_UP and health == HEALTH_DOWN):
             log.log(logging.INFO if ok else logging.WARNING, "upstream %s is %s: %s", spec.name,
                     "UP" if ok else "DOWN", reason)
@@ -2168,9 +2175,9 @@ def classify(error: BaseException, config: Config, *, phase: str) -> UpstreamErr
     timed_out = isinstance(error, (socket.timeout, BlockingIOError)) or (
         isinstance(error, HTTPError) and error.status == 408)
     if phase == "body":
-        if timed_out:
-            return UpstreamError("body", 502, f"the upstream sent no byte of the response body for "
-                                 f"{config.timeout:g}s (--timeout): the stream was idle and was cut")
+        if timed_out:  # --timeout bounds the wait between reads: an idle event stream is cut
+            return UpstreamError("body", 502, f"the response body stalled: nothing from the upstream "
+                                 f"for {config.timeout:g}s (--timeout), so the idle stream was cut")
         return UpstreamError("body", 502, f"the upstream broke off the response body: {describe_os_error(error)}")
     if phase == "connect":
         if timed_out:
@@ -2594,7 +2601,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.config = self.server.config
         self.stats = self.server.stats
         # The setting, and the logger's level (which an embedding program may set): once here.
-        self.logging_access = self.config.access_log and access_log.isEnabledFor(logging.INFO)
+        self.logging_access = self.config.access_log is not None and access_log.isEnabledFor(logging.INFO)
         self.client_ip = self.client_address[0].encode("ascii")
         self.busy = False             # between the first byte of a request and the end of its answer
         self.evicted = False          # closed to make room for a new connection (see ProxyServer)
@@ -2747,14 +2754,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         unread_body = request.framing != NO_BODY and body is None
         if failure is None:
-            self.server.unavailable.count()
+            self.server.unavailable.note()
             self.reject(503, "no upstream is available", close=unread_body,
                         extra=b"Retry-After: %d\r\n" % balancer.retry_after())
         else:
-            self.reject(failure.status, failure.detail, close=unread_body)
+            self.reject(failure.status, failure.detail, close=unread_body, tried=tried[-1])
 
     def upstream_failed(self, backend: Backend, error: UpstreamError) -> None:
-        backend.failures.failed(error.kind, f"{self.command} {self.path} -> {backend.label}: {error.detail}")
+        backend.failures.note(f"{self.command} {self.path} -> {backend.label}: {error.detail}", error.kind)
         # nginx ignores max_fails when a group has a single server: with nowhere else to go,
         # taking it out would only turn its failures into 503s.
         if self.server.shared.record_failure(backend.slot, error.detail, self.config,
@@ -2918,13 +2925,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- the one error path -----------------------------------------------------------------------
 
-    def reject(self, status: int, detail: str, *, close: bool = True, extra: bytes = b"") -> None:
+    def reject(self, status: int, detail: str, *, close: bool = True, extra: bytes = b"",
+               tried: Backend | None = None) -> None:
         """Answer with a response of the balancer's own. `close` when the request (or its body) was
-        not read whole: the connection cannot be reused, and is closed gently (see linger_close)."""
+        not read whole: the connection cannot be reused, and is closed gently (see linger_close).
+        `tried`: the upstream whose failure this answers, for the access log."""
         if close:
             self.close_connection = True
             self.linger = True
-        # An upstream's failures are logged by its FailureLog, and a 503 by a rate-limited line:
+        # An upstream's failures are logged by its RateLimitedLog, and a 503 by another:
         # under an outage, one line per request would bury everything else.
         log.debug("%s %s from %s answered %d: %s", self.command or "-", self.path or "-",
                   self.client_address[0], status, detail)
@@ -2938,17 +2947,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.linger = False
         if self.logging_access:
-            self.log_request(status, None)
+            self.log_request(status, tried, answered=False)
 
     # -- the access log (http.server's hook name) -------------------------------------------------
 
-    def log_request(self, code="-", backend: Backend | None = None) -> None:
-        access_log.info("%s", format_access_line(self.config.access_log_format, self, code, backend))
+    def log_request(self, code="-", backend: Backend | None = None, *, answered: bool = True) -> None:
+        """`backend`: the upstream that answered, or (`answered` False) the one tried last, which
+        the line names on a 502 or 504 too (nginx's $upstream_addr)."""
+        access_log.info("%s", format_access_line(self.config.access_log_format, self, code, backend,
+                                                 answered=answered))
 
 
-def format_access_line(style: str, handler: ProxyHandler, status, backend: Backend | None) -> str:
+def format_access_line(style: str, handler: ProxyHandler, status, backend: Backend | None, *,
+                       answered: bool = True) -> str:
     """One access log line: `short` (this balancer's own), `common` and `combined` (Apache's and
-    nginx's), or `json` (one object a line, with the upstream, its status and the timings)."""
+    nginx's), or `json` (one object a line, with the upstream, its status and the timings).
+    `backend`: the upstream that answered, or (not `answered`) the one tried last."""
     duration = time.monotonic() - handler.started
     client = handler.client_address[0]
     request_line = f"{handler.command or '-'} {handler.path or '-'} {handler.request_version or '-'}"
@@ -2962,7 +2976,7 @@ def format_access_line(style: str, handler: ProxyHandler, status, backend: Backe
             "version": handler.request_version or None, "status": status,
             "upstream": backend.name if backend else None,
             "upstream_address": f"{backend.host}:{backend.port}" if backend else None,
-            "upstream_status": status if backend else None,
+            "upstream_status": status if backend and answered else None,
             "duration_ms": round(duration * 1000, 3), "bytes_sent": handler.sent,
             "bytes_received": handler.rfile.raw.received - handler.received_total,
             "user_agent": headers.get("User-Agent") if headers else None,
@@ -3230,7 +3244,7 @@ class ProxyServer(Listener):
         if refused:
             self.stats.response(OWN_ANSWERS, b"other", 503, 0.0)
             if refused == "too many connections":
-                self.refusals.count()
+                self.refusals.note()
             self.closer.reject(request, error_response(503, refused, close=True, extra=b"Retry-After: 1\r\n"))
             return
         if spare:
@@ -3378,12 +3392,16 @@ class ProxyServer(Listener):
                 peer = handler.tunnel_peer
                 if peer is not None:
                     peer.shutdown(socket.SHUT_RDWR)
-        if cut:
-            log.warning("drain timeout: %d request(s) or tunnel(s) in flight were cut off", cut)
+        if cut and self.cut_off:
+            log.warning("drain ended early by a second stop signal: %d request(s) or tunnel(s) in "
+                        "flight were cut off", cut)
+        elif cut:
+            log.warning("drain timeout: %d request(s) or tunnel(s) still in flight after %gs were "
+                        "cut off", cut, timeout)
         self.closer.stop()
 
     def cut(self) -> None:
-        """End a drain now: what is still in flight is cut off."""
+        """End a drain now, as a second stop signal does: what is still in flight is cut off."""
         with self.lock:
             self.cut_off = True
             self.drain_deadline = 0.0
@@ -3425,23 +3443,50 @@ def read_certificate(cert: str, key: str) -> bytes:
 
 
 class RateLimitedLog:
-    """A WARNING that may repeat many times a second, written at most once per
-    LOG_SUMMARY_SECONDS with how many times it happened."""
+    """A WARNING that may repeat many times a second (an upstream failing under load, a flood of
+    connections over the cap, 503s while nothing is available): the first is written at once, in
+    full; the repeats are counted, by kind, and written as one summary line per
+    LOG_SUMMARY_SECONDS, by a timer, so that the end of a burst is reported too and the counts add
+    up to every occurrence. `subject` begins the summary, `what` names what is counted."""
 
-    def __init__(self, message: str):
-        self.message = message
+    def __init__(self, subject: str, what: str = ""):
+        self.subject, self.what = subject, what
         self.lock = threading.Lock()
-        self.unlogged = 0
-        self.next_at = 0.0
+        self.quiet_until = 0.0
+        self.kinds: collections.Counter = collections.Counter()
+        self.timer = None
 
-    def count(self) -> None:
+    def note(self, line: str | None = None, kind: str = "") -> None:
+        """One occurrence: `line` says it in full (default: the subject), `kind` sorts repeats."""
         with self.lock:
-            self.unlogged += 1
             now = time.monotonic()
-            if now < self.next_at:
+            if now < self.quiet_until or self.kinds:
+                self.kinds[kind] += 1
+                if self.timer is None:
+                    self.timer = threading.Timer(max(self.quiet_until - now, 0.0), self.summarise)
+                    self.timer.daemon = True
+                    self.timer.start()
                 return
-            count, self.unlogged, self.next_at = self.unlogged, 0, now + LOG_SUMMARY_SECONDS
-        log.warning("%s (%d since the last such line)", self.message, count)
+            self.quiet_until = now + LOG_SUMMARY_SECONDS
+        log.warning("%s", line or self.subject)
+
+    def flush(self) -> None:
+        """Write the pending summary now (who calls: Worker.close, so that no line comes later)."""
+        with self.lock:
+            timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.summarise()
+
+    def summarise(self) -> None:
+        with self.lock:
+            kinds, self.kinds, self.timer = self.kinds, collections.Counter(), None
+            self.quiet_until = time.monotonic() + LOG_SUMMARY_SECONDS
+        if kinds:
+            named = ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common() if kind)
+            log.warning("%s: %d more%s in the last %gs%s", self.subject, sum(kinds.values()),
+                        " " + self.what if self.what else "", LOG_SUMMARY_SECONDS,
+                        f" ({named})" if named else "")
 
 
 class LingeringCloser:
@@ -3548,7 +3593,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         control = self.server.control
         if path in ("/", "/index.html"):
             allowed, page = ("GET", "HEAD"), lambda: (
-                b"text/html; charset=utf-8", render_dashboard(control.status(history=False)).encode())
+                b"text/html; charset=utf-8", render_dashboard(control.status(history=True)).encode())
         elif path in ("/status", "/status/"):
             allowed, page = ("GET", "HEAD"), lambda: (
                 b"application/json", (json.dumps(control.status(history="history=1" in query.split("&")),
@@ -3772,6 +3817,12 @@ button:hover:not(:disabled){background:var(--alt)}
 button:disabled{cursor:default}
 button.on{font-weight:600;color:var(--c);background:color-mix(in srgb,var(--c) 15%,transparent)}
 [data-act=ready]{--c:var(--up)}[data-act=drain]{--c:var(--drain)}[data-act=maint]{--c:var(--maint)}
+.token{display:flex;flex-wrap:wrap;align-items:center;gap:8px 12px;font-weight:400;
+background:color-mix(in srgb,var(--accent) 10%,transparent);border-color:var(--accent)}
+.token label{flex:1 1 320px}
+.token input{font:inherit;padding:4px 8px;border-radius:6px;border:1px solid var(--line);
+background:var(--bg);color:var(--text);min-width:220px}
+.token button,#token-forget{border:1px solid var(--line);border-radius:6px;padding:4px 10px}
 #toast{position:fixed;right:16px;bottom:16px;max-width:420px;padding:10px 14px;border-radius:8px;
 background:var(--panel);border:1px solid var(--accent);box-shadow:0 6px 24px #0006}
 #toast.err{border-color:var(--down);color:var(--down)}
@@ -3808,7 +3859,10 @@ DASHBOARD_JS = r"""
 (() => {
 const WINDOW = 300;                 // seconds of history kept and drawn
 const $ = (id) => document.getElementById(id);
-const rows = new Map(), series = new Map(), total = {t: [], r: [], e: []};
+const rows = new Map(), series = new Map();
+// The whole balancer: every response to a client, and the 5xx it answered itself (no upstream
+// available, upstream failures), as /status counts them in requests_total and failed_total.
+const total = {t: [], r: [], e: [], last: null, now: null, at: 0};
 let prev = null, skew = 0, gap = 3, lastOk = null;
 
 const num = (v) => (typeof v === "number" && isFinite(v)) ? v : 0;
@@ -3866,22 +3920,14 @@ function backfill(st) {
   if (!h || !Array.isArray(h.t) || !h.t.length) return;
   gap = Math.max(3, 3 * num(h.interval_seconds));
   skew = Math.max(0, h.t[h.t.length - 1] - clock(st));
-  const sums = new Map();
-  for (const [name, v] of Object.entries(h.backends || {})) {
-    const s = track(name), req = v.requests || [], err = v.errors || [];
-    h.t.forEach((t, i) => {
-      if (typeof req[i] !== "number") return;
-      feed(s, t, req[i], num(err[i]));
-      if (s.at !== t) return;
-      const a = sums.get(t) || [0, 0];
-      a[0] += s.now.r; a[1] += s.now.e; sums.set(t, a);
-    });
+  const all = [[total, h.requests_total || [], h.failed_total || []]];
+  for (const [name, v] of Object.entries(h.backends || {})) all.push([track(name), v.requests || [], v.errors || []]);
+  for (const [s, req, err] of all) {
+    h.t.forEach((t, i) => { if (typeof req[i] === "number") feed(s, t, req[i], num(err[i])); });
     // The live counters start a new baseline: the last history sample may be up to one
     // interval older than this response, and our clock for it is only known to a second.
+    // The last interval's rate stays shown until the next poll gives a live one.
     s.last = null;
-  }
-  for (const t of [...sums.keys()].sort((a, b) => a - b)) {
-    total.t.push(t); total.r.push(sums.get(t)[0]); total.e.push(sums.get(t)[1]);
   }
 }
 
@@ -3981,13 +4027,13 @@ function render(st) {
   $("panic").hidden = !st.panic;
 
   const req = num(st.requests_total), ref = num(st.refused_total), fail = num(st.failed_total);
-  let rps = null, rr = 0, fr = 0;
-  if (prev && now - prev.t >= 0.25 && req >= prev.req) {
-    const dt = now - prev.t;
-    rps = (req - prev.req) / dt; rr = Math.max(0, ref - prev.ref) / dt; fr = Math.max(0, fail - prev.fail) / dt;
-  }
-  if (!prev || now - prev.t >= 0.25) prev = {t: now, req, ref, fail};
-  if (rps !== null) put($("t-rps"), rate(rps));
+  feed(total, now, req, fail);
+  trim(total, now);
+  const fr = total.now ? total.now.e : 0;
+  let rr = 0;
+  if (prev && now - prev.t >= 0.25) rr = Math.max(0, ref - prev.ref) / (now - prev.t);
+  if (!prev || now - prev.t >= 0.25) prev = {t: now, ref};
+  if (total.now) put($("t-rps"), rate(total.now.r));
   put($("requests-total"), req);
   put($("t-inflight"), num(st.in_flight)); put($("t-conns"), num(st.connections));
   const tun = st.tunnels || {};
@@ -4014,12 +4060,10 @@ function render(st) {
   put($("bytes-in"), bytes(num(st.bytes_received))); put($("bytes-out"), bytes(num(st.bytes_sent)));
 
   const seen = new Set(), tbody = $("rows"), counts = {up: 0, down: 0, drain: 0, maint: 0};
-  let rsum = 0, esum = 0, fresh = false;
   backends.forEach((b, i) => {
     const name = String(b.name), s = track(name), tr = row(name);
     seen.add(name);
     feed(s, now, num(b.requests), sum(b.errors));
-    if (s.at === now) { rsum += s.now.r; esum += s.now.e; fresh = true; }
     trim(s, now);
     fill(tr, b, s, now);
     counts[b.state] = (counts[b.state] || 0) + 1;
@@ -4036,8 +4080,6 @@ function render(st) {
   }
   document.title = (counts.down ? `▼ ${counts.down} down · ` : "") + "Load balancer " + (st.listen || "");
 
-  if (fresh) { total.t.push(now); total.r.push(rsum); total.e.push(esum); }
-  trim(total, now);
   put($("c-max"), draw($("chart"), total, now) + " req/s");
 }
 
@@ -4084,25 +4126,62 @@ function toast(msg, bad) {
   clearTimeout(toastTimer); toastTimer = setTimeout(() => { t.hidden = true; }, bad ? 10000 : 4000);
 }
 
-document.addEventListener("click", async (ev) => {
-  const btn = ev.target.closest("button[data-act]");
-  if (!btn) return;
-  const name = btn.closest("tr").getAttribute("data-backend"), act = btn.dataset.act;
-  const ask = {drain: `Drain ${name}? It finishes what it has and gets no new requests.`,
-               maint: `Put ${name} in maintenance? It is taken out of rotation at once.`}[act];
-  if (ask && !confirm(ask)) return;
+// --admin-token: the operator gives it once; it is kept in this tab's sessionStorage (gone when
+// the tab closes, never sent anywhere but this balancer) and sent as Authorization: Bearer.
+const TOKEN = "load_balancer.admin_token";
+let pending = null;                 // the action that waits for a token
+function token() { try { return sessionStorage.getItem(TOKEN) || ""; } catch (e) { return ""; } }
+function keepToken(t) {
+  try { t ? sessionStorage.setItem(TOKEN, t) : sessionStorage.removeItem(TOKEN); } catch (e) { /* storage off */ }
+  $("token-forget").hidden = !t;
+}
+function askToken(why) {
+  put($("token-why"), why);
+  $("token").hidden = false;
+  $("token-input").value = "";
+  $("token-input").focus();
+}
+
+async function act(name, action, btn) {
   btn.disabled = true;
   try {
+    const headers = token() ? {Authorization: "Bearer " + token()} : {};
     // Upstream names are host:port; keep the colon readable in the path.
-    const r = await fetch(`backends/${encodeURIComponent(name).replace(/%3A/gi, ":")}/${act}`,
-                          {method: "POST", cache: "no-store"});
+    const r = await fetch(`backends/${encodeURIComponent(name).replace(/%3A/gi, ":")}/${action}`,
+                          {method: "POST", cache: "no-store", headers});
     const body = (await r.text()).trim().slice(0, 300);
-    if (r.ok) toast(`${name}: ${act} accepted`);
-    else toast(`${name}: ${act} refused (${r.status}${r.status === 401 || r.status === 403 ?
+    if (r.ok) toast(`${name}: ${action} accepted`);
+    else if (r.status === 401) {
+      pending = {name, action, btn};
+      askToken(token() ? "That admin token was refused: give the balancer's --admin-token."
+        : "Admin actions on this balancer need its --admin-token.");
+      if (token()) keepToken("");
+    } else toast(`${name}: ${action} refused (${r.status}${r.status === 403 ?
       ", not allowed from here" : ""}) ${body}`, true);
-  } catch (e) { toast(`${name}: ${act} failed: ${e.message}`, true); }
+  } catch (e) { toast(`${name}: ${action} failed: ${e.message}`, true); }
   btn.disabled = false;
+}
+
+document.addEventListener("click", (ev) => {
+  const btn = ev.target.closest("button[data-act]");
+  if (!btn) return;
+  const name = btn.closest("tr").getAttribute("data-backend"), action = btn.dataset.act;
+  const ask = {drain: `Drain ${name}? It finishes what it has and gets no new requests.`,
+               maint: `Put ${name} in maintenance? It is taken out of rotation at once.`}[action];
+  if (ask && !confirm(ask)) return;
+  act(name, action, btn);
 });
+$("token").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  keepToken($("token-input").value.trim());
+  $("token").hidden = true;
+  const p = pending;
+  pending = null;
+  if (p && token()) act(p.name, p.action, p.btn);
+});
+$("token-cancel").addEventListener("click", () => { $("token").hidden = true; pending = null; });
+$("token-forget").addEventListener("click", () => { keepToken(""); toast("admin token forgotten"); });
+keepToken(token());
 
 for (const tr of document.querySelectorAll("#rows tr[data-backend]")) rows.set(tr.getAttribute("data-backend"), tr);
 put($("live-text"), "Connecting…");
@@ -4139,8 +4218,13 @@ reloaded every 10 seconds. Rates and charts need JavaScript.</div></noscript>
 <div id="panic" class="banner panic" role="alert"$panic_hidden>&#9888; Panic mode: every upstream is out after
 failed requests, so requests are tried on them anyway; the first one that succeeds ends it.</div>
 <div id="lost" class="banner lost" role="alert" hidden><b>&#9888; Connection lost.</b> <span id="lost-why"></span></div>
+<form id="token" class="banner token" hidden><label for="token-input"><b>Admin token.</b>
+<span id="token-why"></span> It is kept in this browser tab only (sessionStorage) and sent as
+<code>Authorization: Bearer</code>.</label><input id="token-input" type="password" autocomplete="off"
+required aria-label="admin token"><button type="submit">Use token</button><button type="button"
+id="token-cancel">Cancel</button></form>
 <section class="tiles">
-<div class="tile"><h3>Requests/s</h3><b id="t-rps">–</b><small><span id="requests-total">$requests</span> total</small></div>
+<div class="tile"><h3>Requests/s</h3><b id="t-rps">$rps</b><small><span id="requests-total">$requests</span> total</small></div>
 <div class="tile"><h3>In flight</h3><b id="t-inflight">$in_flight</b><small>requests</small></div>
 <div class="tile"><h3>Connections</h3><b id="t-conns">$connections</b><small>from clients</small></div>
 <div class="tile"><h3>Open tunnels</h3><b id="t-tunnels">$tunnels</b><small id="t-tunnels-total">$tunnels_total total</small></div>
@@ -4151,9 +4235,9 @@ failed requests, so requests are tried on them anyway; the first one that succee
 </section>
 <div class="grid2">
 <section class="panel js">
-<div class="ph"><h2>Traffic to upstreams</h2><span class="mute" style="font-size:12px">
-<i class="key" style="background:var(--accent)"></i>requests/s<i class="key" style="background:var(--down)"></i>errors/s
-&nbsp;· last 5 minutes</span></div>
+<div class="ph"><h2>Requests</h2><span class="mute" style="font-size:12px">
+<i class="key" style="background:var(--accent)"></i>requests/s from clients<i class="key"
+style="background:var(--down)"></i>failed/s (5xx answered by the balancer itself) &nbsp;· last 5 minutes</span></div>
 <div class="chart"><svg id="chart" viewBox="0 0 1000 150" preserveAspectRatio="none" aria-hidden="true">
 <path class="grid" d="M0 37.5H1000M0 75H1000M0 112.5H1000"/><path class="ar"/><path class="ln"/><path class="er"/></svg>
 <span id="c-max" style="top:2px;left:4px;bottom:auto"></span><span style="left:0">−5 min</span>
@@ -4177,7 +4261,8 @@ failed requests, so requests are tried on them anyway; the first one that succee
 </table></div>
 </section>
 </main>
-<footer>All numbers come from <a href="status">/status</a> (JSON).</footer>
+<footer>All numbers come from <a href="status">/status</a> (JSON).
+<button type="button" id="token-forget" class="js" hidden>Forget the admin token</button></footer>
 <div id="toast" role="status" hidden></div>
 <template id="row-tpl">$template_row</template>
 <script>$js</script>
@@ -4218,6 +4303,30 @@ def _dashboard_ms(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "–"
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{round(value)}"
+
+
+def _dashboard_rate(history: object) -> str:
+    """Requests/s over the last interval of /status's history, in the page script's rate()
+    format, so that the first paint shows what is known; "–" before there are two samples."""
+    if not isinstance(history, dict):
+        return "–"
+    times, totals = history.get("t"), history.get("requests_total")
+    if not isinstance(times, list) or not isinstance(totals, list) or len(times) < 2 or len(totals) != len(times):
+        return "–"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in times + totals):
+        return "–"
+    # The sample before the last one, at least a quarter second earlier (as the script's feed()).
+    t1, r1 = times[-1], totals[-1]
+    earlier = [(t, r) for t, r in zip(times[:-1], totals[:-1]) if t1 - t >= 0.25]
+    if not earlier or earlier[-1][1] > r1:
+        return "–"
+    t0, r0 = earlier[-1]
+    value = (r1 - r0) / (t1 - t0)
+    if value >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    return str(int(value + 0.5)) if value >= 100 or value == 0 else f"{value:.1f}"
 
 
 def _dashboard_row(backend: dict) -> str:
@@ -4262,8 +4371,9 @@ def _dashboard_row(backend: dict) -> str:
 def render_dashboard(status: dict) -> str:
     """The complete HTML page for ``GET /`` on the admin listener, from one /status snapshot.
 
-    Called by the admin route for ``/`` with the same dict that ``/status`` serves (history not
-    needed). The page shows every number without JavaScript; with it, it polls ``/status``.
+    Called by the admin route for ``/`` with the dict that ``/status?history=1`` serves (the
+    history gives the first paint its requests/s). The page shows every number without
+    JavaScript; with it, it polls ``/status``.
     Never raises on a missing or odd field: a broken dashboard is worst exactly when something
     else is broken too."""
     e = html.escape
@@ -4297,6 +4407,7 @@ def render_dashboard(status: dict) -> str:
         rendered=time.strftime("%H:%M:%S UTC", time.gmtime()),
         panic_hidden="" if status.get("panic") else " hidden",
         requests=n(status.get("requests_total")),
+        rps=_dashboard_rate(status.get("history")),
         in_flight=n(status.get("in_flight")),
         connections=n(status.get("connections")),
         tunnels=n(tunnels.get("open")),
@@ -4476,15 +4587,16 @@ class Control:
         history, and a log line when an ejection ends by itself."""
         _, per_slot, _ = self.counters()
         now = time.time()
-        self.history.append((now, {slot: (sum(record[U_CODES:U_HISTOGRAM]),
-                                          sum(record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)]),
-                                          record[U_HISTOGRAM:U_LATENCY_SUM])
-                                   for slot, record in per_slot.items()}))
+        samples = {slot: (sum(record[U_CODES:U_HISTOGRAM]), sum(record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)]),
+                          record[U_HISTOGRAM:U_LATENCY_SUM]) for slot, record in per_slot.items()}
+        # The whole balancer too (requests_total, failed_total): its own 503s are traffic as well.
+        totals = (sum(sample[0] for sample in samples.values()), responses_by_class(per_slot[0])["5xx"])
+        self.history.append((now, samples, totals))
         now_us = monotonic_us()
         for slot, spec in self.current:
             state = self.shared.routing_state(slot, now_us)
             if self.routing.get(slot) == "ejected" and state == "up":
-                log.info("upstream %s back in rotation: its fail timeout passed", spec.name)
+                log.info("upstream %s %s", spec.name, self.shared.explained(slot, now_us)[0])
             self.routing[slot] = state
 
     def run_sampler(self) -> None:
@@ -4497,7 +4609,7 @@ class Control:
     def latency(self, slot: int, histogram: list) -> dict:
         """p50 and p99 (ms) over the last minute, from the histogram now and a minute ago."""
         then = None
-        for when, sample in self.history:
+        for when, sample, _ in self.history:
             if when >= time.time() - 60 and slot in sample:
                 then = sample[slot][2]
                 break
@@ -4514,7 +4626,7 @@ class Control:
             record = per_slot[slot]
             routing = self.shared.routing_state(slot, now_us)
             states.append(routing)
-            reason, since = self.shared.shown_reason(slot, routing)
+            reason, since = self.shared.explained(slot, now_us)
             backends.append({
                 "name": spec.name, "url": spec.url, "weight": spec.weight, "backup": spec.backup,
                 "state": shown_state(routing),
@@ -4573,14 +4685,16 @@ class Control:
         samples = list(self.history)
         series = {}
         for slot, spec in self.current:
-            points = [sample.get(slot) for _, sample in samples]
+            points = [sample.get(slot) for _, sample, _ in samples]
             series[spec.name] = {
                 "requests": [p[0] if p else None for p in points],
                 "errors": [p[1] if p else None for p in points],
                 "p99_ms": [None] + [quantile([a - b for a, b in zip(p[2], q[2])], 0.99) if p and q else None
                                     for q, p in zip(points, points[1:])],
             }
-        return {"interval_seconds": SAMPLE_SECONDS, "t": [round(when, 3) for when, _ in samples],
+        return {"interval_seconds": SAMPLE_SECONDS, "t": [round(when, 3) for when, _, _ in samples],
+                "requests_total": [totals[0] for _, _, totals in samples],
+                "failed_total": [totals[1] for _, _, totals in samples],
                 "backends": series}
 
     def metrics(self) -> str:
@@ -4795,6 +4909,8 @@ class Worker:
         for backend in self.balancer.backends.values():
             backend.pool.close()
             backend.failures.flush()
+        self.server.refusals.flush()
+        self.server.unavailable.flush()
 
     def cut(self) -> None:
         self.server.cut()
@@ -4862,13 +4978,103 @@ class LoadBalancer:
 
 
 # ===================================================================================================
+# Logs
+# ===================================================================================================
+# Two logs, as nginx keeps them. The error log (start, stop, state changes, failures) goes to
+# standard error, each line with its time, level and process. The access log (--access-log) is one
+# line per request, exactly in --access-log-format with nothing before it, so that jq, GoAccess or
+# a log shipper read it as it is, to a file of its own or to standard output. logrotate moves the
+# file away and sends SIGUSR1: every process then opens the path again, as nginx does on USR1.
+
+class AccessLogFile(logging.Handler):
+    """Where access log lines go: a file opened for appending, or standard output ("-"). Each line
+    is one write(2) on a descriptor opened with O_APPEND, so lines from several threads and worker
+    processes never interleave within a line (nginx writes its access log the same way)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.fd = sys.stdout.fileno() if path == "-" else self.open()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        # A full disk or a closed pipe loses lines, as in nginx: said in the error log, not a
+        # traceback a request.
+        self.failures = RateLimitedLog(f"access log {'on standard output' if path == '-' else path}",
+                                       "line(s) lost")
+
+    def open(self) -> int:
+        """A descriptor of the file at `path` (OSError if it cannot be opened). 0640: the lines name
+        clients and what they asked for."""
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            view = memoryview((self.format(record) + "\n").encode("utf-8", "replace"))
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as error:
+            self.failures.note(f"{self.failures.subject}: cannot write: {describe_os_error(error)}; "
+                               "the line is lost")
+        except Exception:
+            self.handleError(record)
+
+    def reopen(self) -> None:
+        """Open the path again and put the new file under the same descriptor (dup2: a line being
+        written goes whole to the old file or the new one, never lost). OSError: the old stays."""
+        if self.path == "-":
+            return
+        fd = self.open()
+        try:
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.path != "-" and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()
+
+
+def configure_logging(config: Config) -> None:
+    """Logging for a process of the command line (main(), and every worker process): the error
+    log on standard error at --log-level; the access log to its own destination, its lines
+    exactly the format. OSError when the access log file cannot be opened. A program that embeds
+    the balancer configures logging itself: access lines are INFO records of the
+    "load_balancer.access" logger, the line as the message."""
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    for handler in access_log.handlers[:]:
+        access_log.removeHandler(handler)
+        handler.close()
+    if config.access_log:
+        access_log.addHandler(AccessLogFile(config.access_log))
+    access_log.propagate = not config.access_log  # its lines do not go to the error log too
+    access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
+
+
+def reopen_access_log() -> None:
+    """SIGUSR1 (in every process: the supervisor passes it on to its workers): open the access log
+    file again, after logrotate has moved it."""
+    files = [h for h in access_log.handlers if isinstance(h, AccessLogFile) and h.path != "-"]
+    if not files:
+        log.info("SIGUSR1: nothing to do (no --access-log file to reopen)")
+    for handler in files:
+        try:
+            handler.reopen()
+        except OSError as error:
+            log.error("SIGUSR1: cannot reopen the access log %s: %s; writing on to the old file",
+                      handler.path, describe_os_error(error))
+        else:
+            log.info("SIGUSR1: access log %s reopened", handler.path)
+
+
+# ===================================================================================================
 # Processes and signals
 # ===================================================================================================
 # Signals (kill -s NAME pid):
 #   TERM, INT, QUIT  drain: stop accepting, let requests in flight finish (--drain-timeout), exit 0;
 #                    a second TERM or INT during the drain stops at once
 #   HUP              reload: --backends-file and the TLS certificate read again
-#   USR1             logged and otherwise ignored (the logs go to stderr: nothing to reopen)
+#   USR1             reopen the access log file (log rotation), in every process
 # With --workers N the supervisor takes these and tells its workers through a pipe each; a worker
 # whose pipe ends (the supervisor died, even by SIGKILL) stops by itself within a second.
 
@@ -4911,10 +5117,11 @@ class Signals:
 def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload=None,
                       control_fd: int | None = None) -> None:
     """A process's main loop. A stop signal starts `drain(timeout)` in a thread and a second TERM
-    or INT calls `cut()`; HUP calls `reload()`; USR1 is logged. A worker also reads its control
-    pipe: "D" drains, "S" stops now, and its end (the supervisor is gone) drains briefly. A stop
-    signal sent to the whole process group (timeout(1), a terminal's Ctrl-C, systemd) reaches a
-    worker as well as its supervisor's "D": that is one stop, not two."""
+    or INT calls `cut()`; HUP calls `reload()`; USR1 reopens the access log. A worker also reads
+    its control pipe: "D" drains, "S" stops now, "R" reopens the access log, and its end (the
+    supervisor is gone) drains briefly. A stop signal sent to the whole process group
+    (timeout(1), a terminal's Ctrl-C, systemd) reaches a worker as well as its supervisor's "D":
+    that is one stop, not two."""
     stopper = None
     signalled = 0
 
@@ -4937,6 +5144,8 @@ def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload
                 begin(drain_timeout)
             if b"S" in data:
                 cut()
+            if b"R" in data:
+                reopen_access_log()
         for sig in arrived:
             name = signal.Signals(sig).name
             if sig in STOP_SIGNALS:
@@ -4949,6 +5158,8 @@ def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload
                     cut()
             elif sig == signal.SIGHUP and reload is not None:
                 reload()
+            elif sig == signal.SIGUSR1:
+                reopen_access_log()
             else:
                 log.info("%s: nothing to do here", name)
     stopper.join()
@@ -5102,7 +5313,9 @@ def supervise(config: Config, ready=None) -> int:
             if sig == signal.SIGHUP:
                 control.reload()
             elif sig == signal.SIGUSR1:
-                log.info("SIGUSR1: nothing to do (logs go to stderr)")
+                reopen_access_log()
+                for worker in workers.values():
+                    worker.tell(b"R")
             elif sig in STOP_SIGNALS and not stopping:
                 stopping = True
                 log.info("%s: draining requests in flight (up to %gs)", signal.Signals(sig).name,
@@ -5141,13 +5354,13 @@ def worker_process(spec: str) -> int:
     """The body of a worker process (``load_balancer.py --worker-process ...``, started by
     supervise): serve on the handed-over socket until the supervisor says drain or stop, or goes
     away. Stop signals sent to the worker itself (systemd sends them to every process) drain it
-    too; HUP and USR1 are the supervisor's business."""
+    too; HUP is the supervisor's business; USR1 (sent to it, or passed on by the supervisor as
+    "R") reopens its access log."""
     index, workers, block_fd, lock_fd, listen_fd, control_fd, ready_fd = map(int, spec.split(","))
     threading.stack_size(THREAD_STACK_SIZE)
     settings = json.loads(read_line(control_fd))
     config = Config(**{**settings, "backends": tuple(settings["backends"])})
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
-    access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
+    configure_logging(config)  # the supervisor has opened the access log file: so can a worker
     signals = Signals()
     shared = SharedState.attach(block_fd, lock_fd, workers)
     worker = Worker(config, shared, index, socket.socket(fileno=listen_fd))
@@ -5447,13 +5660,20 @@ def _nginx_access_log(config: Config) -> list[str]:
                  "# address where it writes its name, and \"duration_s\" (seconds) for \"duration_ms\";",
                  "# time is local with an offset, to the second."],
     }[style]
+    if config.access_log == "-":
+        where = ["# --access-log -: load_balancer writes these lines to standard output; here they go",
+                 "# to access.log under the prefix (access_log /dev/stdout when nginx runs in a",
+                 "# container's foreground)."]
+        path = "access.log"
+    else:
+        where = ["# --access-log FILE: the same file; nginx reopens it on SIGUSR1 too (log rotation)."]
+        path = _nginx_word(config.access_log)
     return [
-        f"# --access-log, --access-log-format {style}: load_balancer writes these lines to stderr; here",
-        "# they go to access.log under the prefix (access_log /dev/stdout when nginx runs in a",
-        "# container's foreground).",
+        f"# --access-log-format {style}.",
+        *where,
         *notes,
         f"log_format load_balancer {formats[style]};",
-        "access_log access.log load_balancer;",
+        f"access_log {path} load_balancer;",
     ]
 
 
@@ -5854,6 +6074,11 @@ def _haproxy_defaults(config: Config, specs: tuple) -> list[str]:
         f"    timeout tunnel {_export_time(config.tunnel_timeout)}",
         "    # Connections kept alive on both sides.",
         "    option http-keep-alive",
+        "    # Bytes pass on as they arrive, as load_balancer passes them: without this HAProxy holds",
+        "    # a piece of a body it expects more of (MSG_MORE) for up to 200 ms, so every Server-Sent",
+        "    # Event would arrive that late. It costs bulk throughput (more, smaller sends): remove it",
+        "    # if no response streams.",
+        "    option http-no-delay",
     ]
     if config.pool_size:
         lines += ["    # --pool-size: idle upstream connections reused (pool-max-conn per server below).",
@@ -5937,11 +6162,20 @@ def _haproxy_certificate(config: Config) -> tuple[str, bool, list[str]]:
         return cert, False, ["    # The key is FILE.key, where HAProxy looks for it."]
     if cert.endswith(".crt") and key == cert[:-4] + ".key":
         return cert, True, ["    # The key is the .crt's .key, found with ssl-load-extra-del-ext (global)."]
+    certbot = re.fullmatch(r"/etc/letsencrypt/live/([^/]+)/[^/]+", cert)
+    if certbot and os.path.dirname(key) == os.path.dirname(cert):
+        # Not into certbot's live/ folder, which certbot owns: where the deploy hook writes it.
+        combined = f"/etc/haproxy/certs/{certbot.group(1)}.pem"
+        return combined, False, [
+            "    # load_balancer: HAProxy reads the key from the certificate's PEM file; certbot writes",
+            "    # two. examples/certbot-deploy-haproxy.sh, as a certbot deploy hook, writes them as",
+            f"    # {combined} after each renewal and reloads HAProxy (see the README).",
+        ]
     combined = cert + ".haproxy.pem"
     return combined, False, [
         "    # load_balancer: HAProxy reads the key from the certificate's PEM file or from FILE.key",
         "    # beside it (a crt-store, HAProxy 3.0+, can name any key file); make one PEM file, and",
-        "    # again after each renewal:",
+        "    # again after each renewal (a certbot deploy hook: see the README):",
         f"    #   cat {_export_shell_word(cert)} {_export_shell_word(key)} "
         f"> {_export_shell_word(combined)}",
     ]
@@ -5974,6 +6208,9 @@ def _haproxy_access_log(config: Config) -> list[str]:
                  "    # the time to the second."],
     }[style]
     lines = [f"    # --access-log, --access-log-format {style}, on stdout."] + notes
+    if config.access_log != "-":
+        lines += ["    # load_balancer: HAProxy writes its log to syslog or standard output, never to a file",
+                  f"    # itself: have a syslog daemon write it to {config.access_log}."]
     if style in ("combined", "json"):
         lines += ["    capture request header Referer len 1024",
                   "    capture request header User-Agent len 1024"]
@@ -6156,9 +6393,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def program_name() -> str:
+    """The name the program was run as, for its usage and error lines: ``load-balancer`` (the
+    installed command), ``load_balancer.py``, ``python3 -m load_balancer``; ``load_balancer``
+    where there is none (``python3 -c``, an embedding program)."""
+    if __name__ == "__main__" and __spec__ is not None:  # python3 -m load_balancer
+        return f"{os.path.basename(sys.executable) or 'python3'} -m {__spec__.name}"
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and name != "-c" else "load_balancer"
+
+
 def build_parser() -> ArgumentParser:
     """The command line, built from the Config fields: a flag per setting, in its group."""
-    p = ArgumentParser(prog="load_balancer", description="Round-robin HTTP/1.1 load balancer "
+    p = ArgumentParser(prog=program_name(), description="Round-robin HTTP/1.1 load balancer "
                        "(one file, standard library only).")
     groups: dict = {}
     for item in Config.settings():
@@ -6169,6 +6416,8 @@ def build_parser() -> ArgumentParser:
         if meta["type"] is bool:
             options["action"] = "store_true"
         else:
+            if meta["const"] is not None:
+                options.update(nargs="?", const=meta["const"])
             options.update(type=meta["type"] or str, metavar=meta["metavar"],
                            choices=meta["choices"], default=item.default)
             if meta["choices"]:
@@ -6182,7 +6431,7 @@ def build_parser() -> ArgumentParser:
         group.add_argument(flag_of(item), **options)
     p.add_argument("--export", choices=EXPORT_TARGETS, type=str.lower,
                    help="print an nginx.conf or haproxy.cfg that reproduces this balancer, then exit")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"load_balancer {__version__}")
     return p
 
 
@@ -6196,7 +6445,8 @@ def options_table() -> str:
     rows = ["| option | default | what it does |", "|---|---|---|"]
     for item in Config.settings():
         meta = item.metadata
-        option = f"`{flag_of(item)}{' ' + meta['metavar'] if meta['metavar'] else ''}`"
+        metavar = meta["metavar"] and (f" [{meta['metavar']}]" if meta.get("const") else f" {meta['metavar']}")
+        option = f"`{flag_of(item)}{metavar or ''}`"
         if item.name == "backends":
             default = "`SERVER_URLS`"
         elif meta["type"] is bool:
@@ -6238,8 +6488,10 @@ def main(argv: list[str] | None = None) -> int:
     if export:
         sys.stdout.write(export_config(config, export))
         return 0
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
-    access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
+    try:
+        configure_logging(config)
+    except OSError as error:
+        parser.error(f"cannot open --access-log {config.access_log}: {describe_os_error(error)}")
     if config.workers > 1 and not (hasattr(socket, "SO_REUSEPORT") and fcntl):
         log.warning("--workers needs SO_REUSEPORT and fcntl, which this system lacks: one worker")
         config = replace(config, workers=1)
@@ -6249,7 +6501,7 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(config, ready=lambda config, control: announce(
             config, config.port, control.admin.server_address[1] if control.admin else None))
     except ListenError as error:
-        sys.stderr.write(f"load_balancer: error: {error.strerror}\n")
+        sys.stderr.write(f"{parser.prog}: error: {error.strerror}\n")
         return 1
 
 

@@ -590,6 +590,9 @@ class CliProcess(ChildProcess):
     """`python -m load_balancer ARGS` as a child process (the compiled module: test_cli.py runs
     `python load_balancer.py` itself); learns its port from the start-up line."""
 
+    # The name it gives itself in usage and error lines (load_balancer.program_name).
+    prog = f"{os.path.basename(sys.executable)} -m load_balancer"
+
     def __init__(self, args: list[str]):
         super().__init__([sys.executable, "-m", "load_balancer", *args], cwd=ROOT, merge=False)
         self.port = None

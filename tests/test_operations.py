@@ -619,7 +619,7 @@ def test_non_loopback_admin_host_needs_a_token(cli, upstreams):
     assert p.proc.wait(10) == 2
     assert p.wait_ended(5)
     assert p.stderr_text().splitlines() == [
-        "load_balancer: error: --admin-host 0.0.0.0 is not a loopback address: give --admin-token "
+        f"{p.prog}: error: --admin-host 0.0.0.0 is not a loopback address: give --admin-token "
         "too, or anyone who can reach it can drain your upstreams (see --help)"]
     assert p.stdout_lines == []
     assert refuses(admin_port)
@@ -745,7 +745,7 @@ def test_second_balancer_on_a_held_port_exits_1_and_the_first_keeps_serving(cli,
     assert second.wait_ended(5)
     lock = os.path.join(tempfile.gettempdir(), f"load_balancer-port-{port}.lock")
     assert second.stderr_text().splitlines() == [
-        f"load_balancer: error: cannot listen on port {port}: another load_balancer "
+        f"{second.prog}: error: cannot listen on port {port}: another load_balancer "
         f"(pid {first.proc.pid}) is serving it (lock {lock})"]
 
     assert first.proc.poll() is None
