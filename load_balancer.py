@@ -5114,6 +5114,31 @@ class Signals:
         return signals, [fd for fd in ready if fd != self.read_fd]
 
 
+class StopSignals:
+    """What TERM, INT and QUIT mean, in the supervisor and in a worker alike: the first one drains
+    (nginx's graceful stop; QUIT is only ever that), a second TERM or INT during the drain stops
+    now. A worker already draining on its supervisor's word takes a first signal as the same stop:
+    one sent to the whole process group (a terminal's Ctrl-C, systemd) reaches both."""
+
+    def __init__(self, drain_timeout: float):
+        self.drain_timeout = drain_timeout
+        self.received = 0
+
+    def action(self, sig: int, draining: bool) -> str | None:
+        """"drain", "cut" or None (nothing more to do), with the log line that says so."""
+        self.received += 1
+        name = signal.Signals(sig).name
+        if self.received == 1:
+            if draining:
+                return None
+            log.info("%s: draining requests in flight (up to %gs)", name, self.drain_timeout)
+            return "drain"
+        if sig == signal.SIGQUIT:
+            return None
+        log.warning("%s during the drain: stopping now", name)
+        return "cut"
+
+
 def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload=None,
                       control_fd: int | None = None) -> None:
     """A process's main loop. A stop signal starts `drain(timeout)` in a thread and a second TERM
@@ -5123,7 +5148,7 @@ def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload
     (timeout(1), a terminal's Ctrl-C, systemd) reaches a worker as well as its supervisor's "D":
     that is one stop, not two."""
     stopper = None
-    signalled = 0
+    stops = StopSignals(drain_timeout)
 
     def begin(timeout: float) -> None:
         nonlocal stopper
@@ -5147,21 +5172,18 @@ def run_until_stopped(signals: Signals, drain, cut, drain_timeout: float, reload
             if b"R" in data:
                 reopen_access_log()
         for sig in arrived:
-            name = signal.Signals(sig).name
             if sig in STOP_SIGNALS:
-                signalled += 1
-                if stopper is None:
-                    log.info("%s: draining requests in flight (up to %gs)", name, drain_timeout)
+                action = stops.action(sig, draining=stopper is not None)
+                if action == "drain":
                     begin(drain_timeout)
-                elif signalled > 1 and sig != signal.SIGQUIT:
-                    log.warning("%s during the drain: stopping now", name)
+                elif action == "cut":
                     cut()
             elif sig == signal.SIGHUP and reload is not None:
                 reload()
             elif sig == signal.SIGUSR1:
                 reopen_access_log()
             else:
-                log.info("%s: nothing to do here", name)
+                log.info("%s: nothing to do here", signal.Signals(sig).name)
     stopper.join()
 
 
@@ -5300,6 +5322,7 @@ def supervise(config: Config, ready=None) -> int:
     os.close(ready_write)
     waiting = config.workers
     stopping = False
+    stops = StopSignals(config.drain_timeout)
     while workers:
         arrived, readable = signals.wait(0.5, [ready_read] if waiting else [])
         if readable:
@@ -5316,18 +5339,17 @@ def supervise(config: Config, ready=None) -> int:
                 reopen_access_log()
                 for worker in workers.values():
                     worker.tell(b"R")
-            elif sig in STOP_SIGNALS and not stopping:
-                stopping = True
-                log.info("%s: draining requests in flight (up to %gs)", signal.Signals(sig).name,
-                         config.drain_timeout)
-                for worker in workers.values():
-                    worker.tell(b"D")
-                for sock in listeners:  # new connections are refused now, not queued for nobody
-                    sock.close()
-            elif sig in (signal.SIGTERM, signal.SIGINT):
-                log.warning("%s during the drain: stopping now", signal.Signals(sig).name)
-                for worker in workers.values():
-                    worker.tell(b"S")
+            elif sig in STOP_SIGNALS:
+                action = stops.action(sig, draining=stopping)
+                if action == "drain":
+                    stopping = True
+                    for worker in workers.values():
+                        worker.tell(b"D")
+                    for sock in listeners:  # new connections are refused now, not queued for nobody
+                        sock.close()
+                elif action == "cut":
+                    for worker in workers.values():
+                        worker.tell(b"S")
         for index, worker in list(workers.items()):
             code = worker.process.poll()
             if code is None:
