@@ -1458,7 +1458,10 @@ LATENCY_BOUNDS = tuple(bound for bound in (round(m * 10.0 ** e, 6) for e in rang
                                            for m in (1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8)) if bound <= 60)
 EXPORTED_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
-ERROR_KINDS = ("connect", "tls", "timeout", "closed", "invalid", "body")
+ERROR_KINDS = ("connect", "tls", "timeout", "closed", "invalid", "body", "idle")
+# Kinds that say nothing against the upstream: a response body idle for --timeout (an event stream,
+# a long poll) is the application's way, and is cut without counting toward --max-fails.
+NOT_AGAINST_THE_UPSTREAM = frozenset({"idle"})
 
 # The header: generations that tell every process to look again.
 H_GENERATION, H_TLS_GENERATION, H_RESOLVE_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH = range(5)
@@ -2176,7 +2179,7 @@ def classify(error: BaseException, config: Config, *, phase: str) -> UpstreamErr
         isinstance(error, HTTPError) and error.status == 408)
     if phase == "body":
         if timed_out:  # --timeout bounds the wait between reads: an idle event stream is cut
-            return UpstreamError("body", 502, f"the response body stalled: nothing from the upstream "
+            return UpstreamError("idle", 502, f"the response body stalled: nothing from the upstream "
                                  f"for {config.timeout:g}s (--timeout), so the idle stream was cut")
         return UpstreamError("body", 502, f"the upstream broke off the response body: {describe_os_error(error)}")
     if phase == "connect":
@@ -2437,7 +2440,8 @@ class Transport:
 
     def copy_response_body(self, exchange: Exchange, write, *, chunked: bool) -> int:
         """Copy the response body to `write` as it arrives (the payload length). The upstream
-        breaking it off raises UpstreamError("body"); the client going away, ClientError."""
+        breaking it off raises UpstreamError("body"), or ("idle") when it sent nothing for --timeout;
+        the client going away, ClientError."""
         head = exchange.head
         buffer = copy_buffers.get()
         try:
@@ -2762,6 +2766,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def upstream_failed(self, backend: Backend, error: UpstreamError) -> None:
         backend.failures.note(f"{self.command} {self.path} -> {backend.label}: {error.detail}", error.kind)
+        if error.kind in NOT_AGAINST_THE_UPSTREAM:
+            return
         # nginx ignores max_fails when a group has a single server: with nowhere else to go,
         # taking it out would only turn its failures into 503s.
         if self.server.shared.record_failure(backend.slot, error.detail, self.config,

@@ -98,7 +98,9 @@ def test_an_event_stream_cut_by_the_timeout_says_which_timeout_and_that_it_was_i
         done.wait(SOCKET_TIMEOUT)  # and then nothing: an idle stream
 
     up = raw_upstream(events)
-    b = balancer([up.url], timeout=0.3)
+    other = raw_upstream(events)
+    # max_fails=1: were an idle stream held against its upstream, one would take it out.
+    b = balancer([up.url, other.url], timeout=0.3, max_fails=1)
     try:
         with RawClient(b.port) as client:
             client.send(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -110,3 +112,6 @@ def test_an_event_stream_cut_by_the_timeout_says_which_timeout_and_that_it_was_i
     expected = (f"GET /events -> {up.url}: the response body stalled: nothing from the upstream for "
                 "0.3s (--timeout), so the idle stream was cut")
     assert wait_until(lambda: expected in warnings(caplog), timeout=3), warnings(caplog)
+    entry = next(e for e in b.status()["backends"] if e["url"] == up.url)
+    assert (entry["state"], entry["ejections"], entry["consecutive_failures"]) == ("up", 0, 0), entry
+    assert entry["errors"]["idle"] == 1 and entry["errors"]["body"] == 0, entry["errors"]
