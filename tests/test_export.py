@@ -250,6 +250,10 @@ def config_cases(tmp: Path) -> dict:
         "access log short and common": lb.Config(backends=(UP1,), access_log=True),
         "access log common": lb.Config(backends=(UP1,), access_log=True, access_log_format="common",
                                        log_level="error"),
+        "request ID renamed, json log": lb.Config(backends=(UP1,), access_log=True,
+                                                  access_log_format="json", request_id_header="X-Trace-9"),
+        "request IDs off, combined log": lb.Config(backends=(UP1,), access_log=True,
+                                                   access_log_format="combined", request_id_header=""),
     }
 
 

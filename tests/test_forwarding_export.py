@@ -1,0 +1,55 @@
+"""Issue 20's settings in --export: nginx and HAProxy started on the exported file do what
+load_balancer does with request IDs (and the other forwarding settings as they are added), with
+real upstreams behind them. `nginx -t` and `haproxy -c` on the same files are in test_export.py's
+config_cases.
+
+The peers run as in test_export.py (its start_peer/stop_peer: killed by PID in a finally), a
+missing one skips (a failure under LB_REQUIRE_SYSTEM_PROGRAMS=1).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import free_ports, lb, require_program, wait_until
+from test_export import PEERS, PortServer, accepts, exchange, export_config, start_peer, stop_peer
+
+HEX32 = re.compile(rb"[0-9a-f]{32}")
+
+
+def response_field(head: bytes, name: bytes) -> list[bytes]:
+    return [line.partition(b":")[2].strip() for line in head.split(b"\r\n")[1:]
+            if line.partition(b":")[0].lower() == name.lower()]
+
+
+@pytest.mark.parametrize("target", PEERS)
+def test_peer_request_ids_as_load_balancer(target, tmp_path):
+    require_program(target)
+    upstream = PortServer()
+    try:
+        port, = free_ports(1)
+        config = lb.Config(backends=(f"http://127.0.0.1:{upstream.port}",), host="127.0.0.1", port=port,
+                           health_interval=0)
+        peer = start_peer(target, export_config(config, target), tmp_path / target)
+        try:
+            assert wait_until(lambda: accepts(port)), (tmp_path / target / "peer.log").read_text()
+            cases = [(None, None), ("trace-7", b"trace-7"), ("x" * 200, b"x" * 200), ("x" * 201, None),
+                     ("a b", None)]
+            for given, kept in cases:
+                status, head, _ = exchange(port, "/", {"X-Request-ID": given} if given else None)
+                assert status == 200, head
+                _, headers = upstream.proxied()[-1]
+                sent = headers.get_all("X-Request-ID")
+                assert sent and len(sent) == 1, (given, headers)
+                echoed = response_field(head, b"X-Request-ID")
+                assert echoed == [sent[0].encode()], (given, head)
+                if kept:
+                    assert echoed == [kept]
+                else:
+                    assert HEX32.fullmatch(echoed[0]), (given, echoed)
+        finally:
+            stop_peer(peer)
+    finally:
+        upstream.stop()
