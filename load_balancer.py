@@ -186,6 +186,60 @@ def header_name(value) -> str | None:
     return None
 
 
+def parse_networks(text: str) -> tuple:
+    """``10.0.0.0/8, 2001:db8::/32, 192.0.2.7`` -> (ip_network, ...): the one parser of every list
+    of addresses (trusted proxies, PROXY protocol sources). A bare address is a /32 (/128); host
+    bits after the prefix are ignored, as nginx ignores them; an IPv4-mapped IPv6 network
+    (::ffff:10.0.0.0/104) is the IPv4 one. ValueError with the item that is wrong."""
+    networks = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or CIDR (such as 10.0.0.0/8)") from None
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
+    return tuple(networks)
+
+
+def parse_address(text):
+    """An address as clients and proxies write it (``192.0.2.7``, ``192.0.2.7:5000``,
+    ``2001:db8::1``, ``[2001:db8::1]:443``; str or bytes) -> IPv4Address or IPv6Address, an
+    IPv4-mapped IPv6 address as the IPv4 one; None when it is not an address."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return (address.ipv4_mapped or address) if address.version == 6 else address
+
+
+def address_in(address, networks: tuple) -> bool:
+    """Is `address` (str, bytes or an ip_address) in one of `networks` (parse_networks)?
+    ::ffff:192.0.2.7 counts as 192.0.2.7; what is not an address is in none."""
+    if not isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        address = parse_address(address)
+    elif address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address is not None and any(address in network for network in networks)
+
+
+def network_list(value) -> str | None:
+    try:
+        parse_networks(value)
+    except ValueError as error:
+        return f"must be a comma-separated list of addresses or CIDRs: {error}"
+    return None
+
+
 def worker_count(text: str) -> int:
     return (os.cpu_count() or 1) if text == "auto" else int(text)
 
@@ -294,6 +348,11 @@ class Config:
         "into the access log; a client's own value is kept when it is 1-200 visible ASCII "
         "characters, else a new one is made; '' = off", group="forwarding", check=header_name,
         metavar="NAME")
+    trusted_proxies: str | None = setting(
+        None, "proxies (CIDR[,CIDR...]) whose X-Forwarded-For, -Host, -Proto and Forwarded are "
+        "kept; the client is the right-most address in X-Forwarded-For that is not one of them "
+        "(nginx real_ip_recursive). From anyone else those fields are replaced",
+        group="forwarding", check=network_list, metavar="CIDRS")
 
     def __post_init__(self):
         """Refuse impossible settings with a one-line reason naming the flag (ValueError), and
@@ -319,6 +378,8 @@ class Config:
         object.__setattr__(self, "request_id_prefix", self.request_id_header.encode("ascii") + b": " if key else b"")
         object.__setattr__(self, "request_fields", REQUEST_FIELDS | {key} if key else REQUEST_FIELDS)
         object.__setattr__(self, "response_fields", RESPONSE_FIELDS | {key} if key else RESPONSE_FIELDS)
+        object.__setattr__(self, "trusted_networks",
+                           parse_networks(self.trusted_proxies) if self.trusted_proxies else ())
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.redirect_http_port is not None and self.tls_cert is None:
@@ -468,10 +529,13 @@ HOP_BY_HOP = frozenset({
 })
 # Toward the upstream, the balancer also writes these itself: Host (first, as Go writes it), the
 # framing header (where the client had it), Expect (forwarded when the body is still to come, as
-# Go and HAProxy do), and X-Forwarded-* (a client's own X-Forwarded-Host/Proto are not trusted;
-# its X-Forwarded-For is kept, where it was, and extended).
+# Go and HAProxy do), and X-Forwarded-*: a client's own X-Forwarded-For, -Host and -Proto are
+# replaced, and its Forwarded (RFC 7239) removed (Go's ReverseProxy.Rewrite removes all four), so
+# that nobody can forge them. From a --trusted-proxies peer they are kept, its X-Forwarded-For
+# extended where it was.
 DROP_TO_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for",
-                                 b"x-forwarded-host", b"x-forwarded-proto"}
+                                 b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"}
+DROP_FROM_TRUSTED = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for"}
 DROP_TO_CLIENT = HOP_BY_HOP | {b"content-length"}
 FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -812,18 +876,26 @@ def headers_for_upstream(request: Request, client_ip: bytes, default_host: bytes
                          proto: bytes = b"http", expect: bool = False) -> bytes:
     """The head sent upstream: hop-by-hop fields removed, then Host, framing, Expect and
     X-Forwarded-* set, after the removal, so that a client cannot strip them by naming them in
-    Connection. Fields keep their order: the framing field and X-Forwarded-For stay where the
-    client put them. The request ID (request.id_line, see ProxyHandler.identify) follows
-    X-Forwarded-Proto, unless the client's own valid one stays where it is. An upgrade that is
-    tunnelled gets its Connection and Upgrade back."""
-    drop = DROP_TO_UPSTREAM | request.connection_tokens if request.connection_tokens else DROP_TO_UPSTREAM
+    Connection. `client_ip`: the client address (ProxyHandler.identify). X-Forwarded-For is that
+    address; from a trusted proxy (request.via_proxy) it is the proxy's list extended by the
+    proxy's address, and the proxy's own X-Forwarded-Host, -Proto and Forwarded stay. Fields keep
+    their order: the framing field and X-Forwarded-For stay where the client put them. The request
+    ID (request.id_line) follows X-Forwarded-Proto, unless the client's own valid one stays where
+    it is. An upgrade that is tunnelled gets its Connection and Upgrade back."""
+    via = request.via_proxy
+    drop = DROP_TO_UPSTREAM if via is None else DROP_FROM_TRUSTED
+    if request.connection_tokens:
+        drop = drop | request.connection_tokens
     if request.id_drop:
         drop = drop | {request.id_drop}
     lines = [b"%s %s HTTP/1.1" % (request.method, request.target), b"Host: " + (request.host or default_host)]
     framing = (b"Content-Length: %d" % request.length if request.framing == LENGTH else
                b"Transfer-Encoding: chunked" if request.framing == CHUNKED else None)
     prior = request.forwarded_for
-    forwarded = b"X-Forwarded-For: " + (b", ".join(prior) + b", " + client_ip if prior else client_ip)
+    if via is None:
+        forwarded = b"X-Forwarded-For: " + client_ip  # a client's own list is not believed
+    else:
+        forwarded = b"X-Forwarded-For: " + (b", ".join(prior) + b", " + via if prior else via)
     if not (framing or prior or expect):  # the usual GET: nothing to put back in place
         lines += [line for lname, line in request.fields if lname not in drop]
         lines.append(forwarded)
@@ -838,9 +910,11 @@ def headers_for_upstream(request: Request, client_ip: bytes, default_host: bytes
                                for lname, line in request.fields])
         if b"x-forwarded-for" in place:
             lines.append(forwarded)
-    if request.host:
+    kept = () if via is None else {lname for lname, _ in request.fields if lname not in drop}
+    if request.host and b"x-forwarded-host" not in kept:
         lines.append(b"X-Forwarded-Host: " + request.host)
-    lines.append(b"X-Forwarded-Proto: " + proto)
+    if b"x-forwarded-proto" not in kept:
+        lines.append(b"X-Forwarded-Proto: " + proto)
     if request.id_line:
         lines.append(request.id_line)
     if request.upgrade:
@@ -2332,6 +2406,24 @@ class ConnectionPool:
 # The request handler
 # ===================================================================================================
 
+def client_behind_proxies(forwarded_for: list | None, peer: bytes, trusted: tuple) -> bytes:
+    """The client address of a request from a trusted proxy `peer` (nginx's real_ip_recursive):
+    walking X-Forwarded-For from the right, the first address that is not trusted; the left-most
+    when all are. An element that is not an address (``unknown``, garbage) ends the walk: the
+    client is then the trusted hop that passed it on, since nothing it says further left can be
+    vouched for."""
+    client = peer
+    for value in reversed(forwarded_for or ()):
+        for item in reversed(value.split(b",")):
+            address = parse_address(item.strip(b" \t"))
+            if address is None:
+                return client
+            client = str(address).encode("ascii")
+            if not address_in(address, trusted):
+                return client
+    return client
+
+
 # Request IDs: 128 bits from os.urandom, taken 256 at a time and handed out from a list (pop is
 # atomic under the GIL; a child process after a fork starts its own). One os.urandom per request
 # would give the GIL up for a system call each time; formatting a 128-bit integer from the random
@@ -2458,6 +2550,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.stream = self.server.open_stream(self)
         except OSError:
             self.stream = None
+        trusted = self.config.trusted_networks
+        self.peer_trusted = bool(trusted) and address_in(self.peer_ip, trusted)
         if self.stream is not None:
             self.rfile = self.stream.reader
 
@@ -2559,6 +2653,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Who a request is from and what it is called, decided once per request: the client
         address, and the request ID (the client's valid one, else a new one) that goes upstream,
         back to the client and into the log."""
+        if self.peer_trusted:  # nginx real_ip_recursive: the address the trusted proxies name
+            request.via_proxy = self.peer_ip
+            self.client_ip = client_behind_proxies(request.forwarded_for, self.peer_ip,
+                                                   self.config.trusted_networks)
         prefix = self.config.request_id_prefix
         if prefix:
             request_id = request.request_id
@@ -2956,7 +3054,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         access_log.info("%s", format_access_line(self.config.access_log_format, self, code, backend))
 
     def log_message(self, format: str, *args) -> None:
-        log.info("%s " + format, self.client_address[0], *args)
+        log.info("%s " + format, self.client_ip.decode("ascii"), *args)
 
 
 def format_access_line(style: str, handler: ProxyHandler, status, backend: Backend | None) -> str:
@@ -5477,7 +5575,59 @@ def _nginx_maps(config: Config) -> list[str]:
         f"    \"\" {_nginx_word(host)};",
         "    default $http_host;",
         "}",
-    ] + _nginx_request_id_map(config)
+    ] + _nginx_request_id_map(config) + _nginx_trusted_maps(config)
+
+
+def _nginx_trusted_maps(config: Config) -> list[str]:
+    """--trusted-proxies: the realip module finds the client behind them (real_ip_recursive, as
+    load_balancer walks the list), and maps keep what a trusted peer sent."""
+    if not config.trusted_networks:
+        return []
+    networks = [str(network) for network in config.trusted_networks]
+    lines = [
+        f"# --trusted-proxies {config.trusted_proxies}: from these peers X-Forwarded-For, -Host, -Proto",
+        "# and Forwarded are kept (X-Forwarded-For extended by the peer); the client ($remote_addr,",
+        "# logged) is the right-most address in X-Forwarded-For that is not trusted.",
+        *[f"set_real_ip_from {network};" for network in networks],
+        "real_ip_header X-Forwarded-For;",
+        "real_ip_recursive on;",
+        "# $realip_remote_addr: the peer itself (the realip module has changed $remote_addr).",
+        "geo $realip_remote_addr $lb_trusted_peer {",
+        "    default 0;",
+        *[f"    {network} 1;" for network in networks],
+        "}",
+    ]
+    for field, variable, default in (("x_forwarded_for", "$lb_forwarded_for", None),
+                                     ("x_forwarded_host", "$lb_forwarded_host", "$http_host"),
+                                     ("x_forwarded_proto", "$lb_forwarded_proto", "$scheme")):
+        kept = "\"$lb_prior, $realip_remote_addr\"" if default is None else "$lb_prior"
+        lines += [f"map \"$lb_trusted_peer:$http_{field}\" {variable} {{",
+                  f"    \"~^1:(?<lb_prior>.+)$\" {kept};",
+                  f"    default {default or '$realip_remote_addr'};",
+                  "}"]
+    return lines + ["map $lb_trusted_peer $lb_forwarded {", "    1 $http_forwarded;", "    default \"\";", "}"]
+
+
+def _nginx_forwarded(config: Config) -> list[str]:
+    """X-Forwarded-* and Forwarded toward the upstream (headers_for_upstream)."""
+    if config.trusted_networks:
+        return [
+            "# X-Forwarded-*: set here, a trusted proxy's own kept (the maps above); Forwarded only",
+            "# from a trusted proxy (an empty value is not sent).",
+            "proxy_set_header X-Forwarded-For $lb_forwarded_for;",
+            "proxy_set_header X-Forwarded-Host $lb_forwarded_host;",
+            "proxy_set_header X-Forwarded-Proto $lb_forwarded_proto;",
+            "proxy_set_header Forwarded $lb_forwarded;",
+        ]
+    return [
+        "# X-Forwarded-For, -Host and -Proto: set here, a client's own replaced (not extended: no",
+        "# --trusted-proxies), its Forwarded removed (an empty value is not sent: no Host, no",
+        "# X-Forwarded-Host).",
+        "proxy_set_header X-Forwarded-For $remote_addr;",
+        "proxy_set_header X-Forwarded-Host $http_host;",
+        "proxy_set_header X-Forwarded-Proto $scheme;",
+        "proxy_set_header Forwarded \"\";",
+    ]
 
 
 def _nginx_request_id_map(config: Config) -> list[str]:
@@ -5585,12 +5735,8 @@ def _nginx_proxy_server(config: Config, specs: tuple) -> list[str]:
         "    proxy_http_version 1.1;",
         "    proxy_set_header Connection $connection_upgrade;",
         "    proxy_set_header Upgrade $lb_upgrade;",
-        "    # X-Forwarded-For: the client's list, extended; X-Forwarded-Host and -Proto: set here, a",
-        "    # client's own replaced (an empty value is not sent: no Host, no X-Forwarded-Host).",
         "    proxy_set_header Host $lb_host;",
-        "    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-        "    proxy_set_header X-Forwarded-Host $http_host;",
-        "    proxy_set_header X-Forwarded-Proto $scheme;",
+        *_export_indent(_nginx_forwarded(config)),
         "    proxy_pass_header Server;",
         "    proxy_pass_header Date;",
     ]
@@ -5917,24 +6063,13 @@ def _haproxy_frontend(config: Config) -> list[str]:
               f"    bind {bind}",
               f"    maxconn {config.max_connections * config.workers}"]
     lines += _haproxy_access_log(config)
+    lines += _haproxy_forwarded(config)
     lines += [
-        "    # X-Forwarded-For: the client's list extended by its address, on one line (several lines",
-        "    # from the client: a line of its own after them, the same list by RFC 9110 section 5.3;",
-        "    # \"option forwardfor\" would always add a line, which apps reading one line miss).",
-        "    # (In this order: each rule sees the lines the one before it left.)",
-        "    http-request add-header X-Forwarded-For %[src] if { req.fhdr_cnt(x-forwarded-for) gt 1 }",
-        "    http-request set-header X-Forwarded-For \"%[req.fhdr(x-forwarded-for)], %[src]\" "
-        "if { req.fhdr_cnt(x-forwarded-for) eq 1 }",
-        "    http-request set-header X-Forwarded-For %[src] if { req.fhdr_cnt(x-forwarded-for) eq 0 }",
         "    # Upgrades (WebSocket) are tunnelled by HAProxy itself; h2c never (load_balancer refuses",
         "    # it: an h2c upgrade through a proxy smuggles requests), so its Upgrade field goes.",
         "    # load_balancer: HAProxy also checks a WebSocket handshake (Sec-WebSocket-Key, -Accept)",
         "    # and refuses one without them (400, 502), which load_balancer tunnels as it is.",
         "    http-request del-header Upgrade if { req.hdr(upgrade),lower -m sub h2c }",
-        "    # X-Forwarded-Host and -Proto set here, a client's own replaced or removed.",
-        f"    http-request set-header X-Forwarded-Proto {'https' if tls else 'http'}",
-        "    http-request del-header X-Forwarded-Host",
-        "    http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found }",
     ]
     lines += _haproxy_request_id(config)
     host_header, notes = _export_host_header(config.backend_specs)
@@ -5952,6 +6087,47 @@ def _haproxy_frontend(config: Config) -> list[str]:
         ]
     lines.append("    default_backend upstreams")
     return lines
+
+
+def _haproxy_forwarded(config: Config) -> list[str]:
+    """X-Forwarded-* and Forwarded toward the upstream (headers_for_upstream): a client's own
+    replaced; with --trusted-proxies, a trusted peer's kept and its X-Forwarded-For extended."""
+    proto = "https" if config.tls_cert is not None else "http"
+    if not config.trusted_networks:
+        return [
+            "    # X-Forwarded-For, -Host and -Proto set here, a client's own replaced or removed (no",
+            "    # --trusted-proxies: nobody's list is extended); Forwarded removed.",
+            "    http-request set-header X-Forwarded-For %[src]",
+            f"    http-request set-header X-Forwarded-Proto {proto}",
+            "    http-request del-header X-Forwarded-Host",
+            "    http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found }",
+            "    http-request del-header Forwarded",
+        ]
+    networks = " ".join(str(network) for network in config.trusted_networks)
+    return [
+        f"    # --trusted-proxies {config.trusted_proxies}: from these peers X-Forwarded-For, -Host, "
+        "-Proto and",
+        "    # Forwarded are kept, X-Forwarded-For extended by the peer's address on one line (several",
+        "    # lines: a line of its own after them, the same list by RFC 9110 section 5.3). From anyone",
+        "    # else they are replaced or removed. (In this order: each rule sees what the one before left.)",
+        f"    acl lb_trusted_peer src {networks}",
+        "    http-request set-header X-Forwarded-For %[src] if !lb_trusted_peer",
+        "    http-request add-header X-Forwarded-For %[src] if lb_trusted_peer { req.fhdr_cnt(x-forwarded-for) gt 1 }",
+        "    http-request set-header X-Forwarded-For \"%[req.fhdr(x-forwarded-for)], %[src]\" "
+        "if lb_trusted_peer { req.fhdr_cnt(x-forwarded-for) eq 1 }",
+        "    http-request set-header X-Forwarded-For %[src] if { req.fhdr_cnt(x-forwarded-for) eq 0 }",
+        "    http-request del-header X-Forwarded-Host if !lb_trusted_peer",
+        "    http-request del-header X-Forwarded-Proto if !lb_trusted_peer",
+        "    http-request del-header Forwarded if !lb_trusted_peer",
+        "    http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found } "
+        "!{ req.hdr(x-forwarded-host) -m found }",
+        f"    http-request set-header X-Forwarded-Proto {proto} if !{{ req.hdr(x-forwarded-proto) -m found }}",
+        "    # The client address (logs) behind a trusted peer: the address before the peer's own.",
+        "    # load_balancer: it walks the list from the right past every trusted address (nginx's",
+        "    # real_ip_recursive); HAProxy 2.6 takes one hop.",
+        "    http-request set-src req.hdr_ip(x-forwarded-for,-2) if lb_trusted_peer "
+        "{ req.hdr_ip(x-forwarded-for,-2) -m found }",
+    ]
 
 
 def _haproxy_request_id(config: Config) -> list[str]:

@@ -1079,4 +1079,4 @@ def test_request_header_fields_keep_their_order_end_to_end(raw_upstream, balance
     assert [name for name, _ in fields] == [
         "Host", "X-First", "Content-Length", "X-Middle", "X-Forwarded-For", "Accept", "X-Last",
         "X-Forwarded-Host", "X-Forwarded-Proto", "X-Request-ID"], fields
-    assert header(fields, "X-Forwarded-For") == "203.0.113.9, 127.0.0.1"
+    assert header(fields, "X-Forwarded-For") == "127.0.0.1"  # the client's own is replaced (issue 20)

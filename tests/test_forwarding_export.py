@@ -53,3 +53,44 @@ def test_peer_request_ids_as_load_balancer(target, tmp_path):
             stop_peer(peer)
     finally:
         upstream.stop()
+
+
+FORGED = {"X-Forwarded-For": "203.0.113.5, 198.51.100.7", "X-Forwarded-Host": "evil.example",
+          "X-Forwarded-Proto": "https", "Forwarded": "for=203.0.113.5"}
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trusted"])
+@pytest.mark.parametrize("target", PEERS)
+def test_peer_trusted_proxies_as_load_balancer(target, trusted, tmp_path):
+    """From a peer outside --trusted-proxies the forged fields are replaced or removed; from one
+    inside, kept (X-Forwarded-For extended by the peer) and the logged client is the right-most
+    untrusted address."""
+    require_program(target)
+    upstream = PortServer()
+    try:
+        port, = free_ports(1)
+        config = lb.Config(backends=(f"http://127.0.0.1:{upstream.port}",), host="127.0.0.1", port=port,
+                           health_interval=0, access_log=True,
+                           trusted_proxies="127.0.0.1/32" if trusted else None)
+        directory = tmp_path / target
+        peer = start_peer(target, export_config(config, target), directory)
+        try:
+            assert wait_until(lambda: accepts(port)), (directory / "peer.log").read_text()
+            status, head, _ = exchange(port, "/forged", FORGED)
+            assert status == 200, head
+            _, headers = upstream.proxied()[-1]
+            seen = tuple(headers.get_all(name) for name in FORGED)
+            if trusted:
+                assert seen == (["203.0.113.5, 198.51.100.7, 127.0.0.1"], ["evil.example"], ["https"],
+                                ["for=203.0.113.5"]), seen
+            else:
+                assert seen == (["127.0.0.1"], ["test.local"], ["http"], None), seen
+            log = directory / ("access.log" if target == "nginx" else "peer.log")
+            client = "198.51.100.7" if trusted else "127.0.0.1"
+            assert wait_until(lambda: log.exists() and any(
+                line.startswith(f'{client} "GET /forged ') for line in log.read_text().splitlines())), (
+                log.read_text() if log.exists() else "no log")
+        finally:
+            stop_peer(peer)
+    finally:
+        upstream.stop()
