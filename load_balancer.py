@@ -348,6 +348,10 @@ class Config:
         "into the access log; a client's own value is kept when it is 1-200 visible ASCII "
         "characters, else a new one is made; '' = off", group="forwarding", check=header_name,
         metavar="NAME")
+    proxy_protocol_from: str | None = setting(
+        None, "addresses (CIDR[,CIDR...]) whose connections must begin with a PROXY protocol v1 or v2 "
+        "header (HAProxy's accept-proxy); the address it carries is the client's. A header from "
+        "anyone else is refused", group="forwarding", check=network_list, metavar="CIDRS")
     trusted_proxies: str | None = setting(
         None, "proxies (CIDR[,CIDR...]) whose X-Forwarded-For, -Host, -Proto and Forwarded are "
         "kept; the client is the right-most address in X-Forwarded-For that is not one of them "
@@ -378,6 +382,8 @@ class Config:
         object.__setattr__(self, "request_id_prefix", self.request_id_header.encode("ascii") + b": " if key else b"")
         object.__setattr__(self, "request_fields", REQUEST_FIELDS | {key} if key else REQUEST_FIELDS)
         object.__setattr__(self, "response_fields", RESPONSE_FIELDS | {key} if key else RESPONSE_FIELDS)
+        object.__setattr__(self, "proxy_protocol_networks",
+                           parse_networks(self.proxy_protocol_from) if self.proxy_protocol_from else ())
         object.__setattr__(self, "trusted_networks",
                            parse_networks(self.trusted_proxies) if self.trusted_proxies else ())
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -1192,6 +1198,136 @@ def decode_buffered_chunked(data: bytes, limit: int) -> tuple[bytes, int] | None
             return bytes(body), position
         check_head_bytes(line + b"\r\n")
         parse_fields([b"", line], frozenset(), 1)
+
+
+# ===================================================================================================
+# PROXY protocol (HAProxy's spec, versions 1 and 2): pure functions, bytes in, header out
+# ===================================================================================================
+# A TCP load balancer in front (a cloud's, HAProxy with send-proxy) begins each connection with
+# the client's address. Accepted only from --proxy-protocol-from (see ProxyServer.accept_proxy);
+# the parsers take what has arrived so far and say: complete (the header and its length), not yet
+# (the bytes that may still belong to it), or malformed (ProxyProtocolError), as soon as that is
+# known.
+
+PROXY_V1_PREFIX = b"PROXY "
+PROXY_V1_MAX = 107                                 # the whole line, CRLF included (spec 2.1)
+PROXY_V1_BYTES = frozenset(b"PROXY TCP46UNKNOW0123456789abcdefABCDEF.:\r\n")
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_ADDRESSES = {0x1: (12, "!4s4sHH"), 0x2: (36, "!16s16sHH"), 0x3: (216, None)}  # INET, INET6, UNIX
+
+
+class ProxyProtocolError(ValueError):
+    """A PROXY protocol header that is malformed: the connection is closed without an answer."""
+
+
+class NoProxyHeader(ProxyProtocolError):
+    """The connection does not begin with a PROXY protocol header (answered 400)."""
+
+
+class ProxyHeader(collections.namedtuple("ProxyHeader", "version command source destination")):
+    """A PROXY protocol header: `command` PROXY, LOCAL (v2: the proxy's own connection, a health
+    check) or UNKNOWN (v1); `source`, `destination`: (address, port), or None where the header
+    carries no address (LOCAL, UNKNOWN, v2 AF_UNSPEC or AF_UNIX): the connection's own is used."""
+
+
+def parse_proxy_header(data: bytes) -> tuple[ProxyHeader | None, int]:
+    """What the first bytes of a connection say: (header, its length) when it is complete,
+    (None, the most bytes the header may have) while it is not; NoProxyHeader when they begin
+    no PROXY header, ProxyProtocolError when they begin a malformed one."""
+    if data[:len(PROXY_V2_SIGNATURE)] == PROXY_V2_SIGNATURE[:len(data)] and data:
+        return parse_proxy_v2(data)
+    if data[:len(PROXY_V1_PREFIX)] == PROXY_V1_PREFIX[:len(data)]:
+        return parse_proxy_v1(data)
+    raise NoProxyHeader("the connection does not begin with a PROXY protocol header")
+
+
+def parse_proxy_v1(data: bytes) -> tuple[ProxyHeader | None, int]:
+    """``PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\\r\\n`` (or TCP6, or ``PROXY UNKNOWN ...``):
+    single spaces, addresses of the protocol's family, ports 0-65535 without leading zeros."""
+    end = data.find(b"\r\n", 0, PROXY_V1_MAX)
+    line = data[:end] if end >= 0 else data[:PROXY_V1_MAX]
+    if end < 0 and line.endswith(b"\r"):
+        line = line[:-1]  # its LF may be on its way
+    if not line.startswith(PROXY_V1_PREFIX[:len(line)]) or any(b not in PROXY_V1_BYTES for b in line):
+        raise ProxyProtocolError("PROXY v1: not a PROXY line")
+    if b"\r" in line or b"\n" in line:
+        raise ProxyProtocolError("PROXY v1: a line end other than CRLF")
+    if end < 0:
+        if len(data) >= PROXY_V1_MAX:
+            raise ProxyProtocolError(f"PROXY v1: no CRLF within {PROXY_V1_MAX} bytes")
+        return None, PROXY_V1_MAX
+    parts = line.split(b" ")
+    if parts[1:2] == [b"UNKNOWN"]:  # the sender cannot say: the rest of the line is ignored
+        return ProxyHeader(1, "UNKNOWN", None, None), end + 2
+    if len(parts) != 6:
+        raise ProxyProtocolError("PROXY v1: not 6 fields separated by single spaces")
+    _, protocol, source, destination, source_port, destination_port = parts
+    kind = {b"TCP4": ipaddress.IPv4Address, b"TCP6": ipaddress.IPv6Address}.get(protocol)
+    if kind is None:
+        raise ProxyProtocolError(f"PROXY v1: unknown protocol {protocol[:8]!r}")
+    addresses = []
+    for what, text in (("source", source), ("destination", destination)):
+        try:
+            addresses.append(str(kind(text.decode("ascii"))))
+        except ValueError:
+            raise ProxyProtocolError(f"PROXY v1: invalid {what} address for {protocol.decode()}") from None
+    ports = []
+    for what, text in (("source", source_port), ("destination", destination_port)):
+        if not text.isdigit() or (text[:1] == b"0" and text != b"0") or int(text) > 65535:
+            raise ProxyProtocolError(f"PROXY v1: invalid {what} port")
+        ports.append(int(text))
+    return ProxyHeader(1, "PROXY", (addresses[0], ports[0]), (addresses[1], ports[1])), end + 2
+
+
+def parse_proxy_v2(data: bytes) -> tuple[ProxyHeader | None, int]:
+    """The binary header: 12-byte signature, version 2 and command (LOCAL or PROXY), family and
+    transport, length, addresses; TLVs after the addresses are valid and ignored."""
+    if data[:12] != PROXY_V2_SIGNATURE[:min(len(data), 12)]:
+        raise ProxyProtocolError("PROXY v2: wrong signature")
+    if len(data) > 12 and data[12] >> 4 != 2:
+        raise ProxyProtocolError(f"PROXY v2: version {data[12] >> 4}")
+    if len(data) > 12 and data[12] & 0xF > 1:
+        raise ProxyProtocolError(f"PROXY v2: unknown command {data[12] & 0xF}")
+    if len(data) < 16:
+        return None, 16
+    command = "LOCAL" if data[12] & 0xF == 0 else "PROXY"
+    family, transport = data[13] >> 4, data[13] & 0xF
+    length = 16 + int.from_bytes(data[14:16], "big")
+    if command == "PROXY" and (family > 3 or transport > 2 or (family and transport != 1)):
+        raise ProxyProtocolError(f"PROXY v2: unsupported family and transport 0x{data[13]:02x}")
+    size, layout = PROXY_V2_ADDRESSES.get(family, (0, None)) if command == "PROXY" else (0, None)
+    if length - 16 < size:
+        raise ProxyProtocolError(f"PROXY v2: {length - 16} bytes of addresses, {size} needed")
+    if len(data) < length:
+        return None, length
+    if layout is None:  # LOCAL (a health check of the proxy itself), AF_UNSPEC, AF_UNIX
+        return ProxyHeader(2, command, None, None), length
+    source, destination, source_port, destination_port = struct.unpack_from(layout, data, 16)
+    return ProxyHeader(2, command, (str(ipaddress.ip_address(source)), source_port),
+                       (str(ipaddress.ip_address(destination)), destination_port)), length
+
+
+def read_proxy_header(sock: socket.socket, deadline: float) -> ProxyHeader:
+    """Read a PROXY header from a new connection, taking exactly its bytes off the socket (what
+    follows, HTTP or a TLS handshake, stays for the stream): peek at what has arrived, take the
+    bytes that surely belong to the header, wait for more until `deadline` (socket.timeout).
+    Raises what parse_proxy_header raises, and ProxyProtocolError for a close within a header."""
+    data = b""
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        arrived = sock.recv(PROXY_V1_MAX if len(data) < 16 else 65536, socket.MSG_PEEK)
+        if not arrived:
+            raise ProxyProtocolError("closed in the middle of a PROXY header")
+        header, length = parse_proxy_header(data + arrived)
+        take = (length - len(data)) if header is not None else len(arrived)
+        while take:
+            piece = sock.recv(take)
+            if not piece:
+                raise ProxyProtocolError("closed in the middle of a PROXY header")
+            data += piece
+            take -= len(piece)
+        if header is not None:
+            return header
 
 
 # ===================================================================================================
@@ -3346,6 +3482,8 @@ class ProxyServer(ThreadingHTTPServer):
         """The stream for a new connection; on a TLS listener after the handshake (None if it
         failed: the connection is then closed). Who calls: ProxyHandler.setup."""
         sock = handler.connection
+        if self.config.proxy_protocol_networks and not self.accept_proxy(handler):
+            return None
         if self.tls is None:
             return Stream(sock)
         if self.shared.header[H_TLS_GENERATION] != self.tls_generation:
@@ -3366,6 +3504,42 @@ class ProxyServer(ThreadingHTTPServer):
             log.debug("TLS handshake with %s failed: %s", handler.client_address[0], describe_os_error(error))
             return None
         return TLSStream(tls_sock)
+
+    def accept_proxy(self, handler: ProxyHandler) -> bool:
+        """--proxy-protocol-from, before anything else is read (TLS too): a connection from a
+        listed address must begin with a PROXY header, whose address becomes the client's (for the
+        log, X-Forwarded-For, --trusted-proxies and whatever reads ProxyHandler.client_ip); one
+        from anywhere else must not. Each within --header-timeout. False: the connection is
+        refused (400 when it lacks the header or has one it may not send; closed without an
+        answer when the header is malformed or incomplete, as HAProxy does)."""
+        sock = handler.connection
+        peer = handler.client_address[0]
+        deadline = time.monotonic() + self.config.header_timeout
+        refusal = None
+        try:
+            if address_in(peer, self.config.proxy_protocol_networks):
+                header = read_proxy_header(sock, deadline)
+                if header.source is not None:  # else LOCAL or UNKNOWN: the connection's own
+                    handler.client_address = header.source
+                    handler.peer_ip = handler.client_ip = header.source[0].encode("ascii")
+                return True
+            sock.settimeout(self.config.header_timeout)
+            first = sock.recv(len(PROXY_V2_SIGNATURE), socket.MSG_PEEK)
+            if first[:6] == PROXY_V1_PREFIX or first == PROXY_V2_SIGNATURE:
+                refusal = "a PROXY protocol header from an address not in --proxy-protocol-from"
+            return refusal is None
+        except NoProxyHeader:
+            refusal = "a PROXY protocol header is expected from this address"
+            return False
+        except (ProxyProtocolError, OSError) as error:
+            log.debug("PROXY protocol from %s: %s", peer, describe_os_error(error))
+            return False
+        finally:
+            if refusal:
+                log.debug("refused %s: %s", peer, refusal)
+                self.stats.response(OWN_ANSWERS, b"other", 400, 0.0)
+                self.closer.reject(sock.dup(), error_response(400, refusal, close=True))
+            sock.settimeout(None)  # blocking again, with kernel timeouts (see set_timeout)
 
     def reload_certificate(self) -> None:
         """Load the renewed certificate for new connections: the bytes the reload checked and
@@ -5588,11 +5762,20 @@ def _nginx_trusted_maps(config: Config) -> list[str]:
         f"# --trusted-proxies {config.trusted_proxies}: from these peers X-Forwarded-For, -Host, -Proto",
         "# and Forwarded are kept (X-Forwarded-For extended by the peer); the client ($remote_addr,",
         "# logged) is the right-most address in X-Forwarded-For that is not trusted.",
-        *[f"set_real_ip_from {network};" for network in networks],
-        "real_ip_header X-Forwarded-For;",
-        "real_ip_recursive on;",
-        "# $realip_remote_addr: the peer itself (the realip module has changed $remote_addr).",
-        "geo $realip_remote_addr $lb_trusted_peer {",
+    ]
+    if config.proxy_protocol_networks:
+        peer = "$proxy_protocol_addr"
+        lines += ["# load_balancer: with --proxy-protocol-from too, it walks X-Forwarded-For behind the",
+                  "# PROXY address; nginx's realip module takes one source, here the PROXY header (server",
+                  "# block), so $remote_addr is the PROXY address."]
+    else:
+        peer = "$realip_remote_addr"
+        lines += [*[f"set_real_ip_from {network};" for network in networks],
+                  "real_ip_header X-Forwarded-For;",
+                  "real_ip_recursive on;",
+                  "# $realip_remote_addr: the peer itself (the realip module has changed $remote_addr)."]
+    lines += [
+        f"geo {peer} $lb_trusted_peer {{",
         "    default 0;",
         *[f"    {network} 1;" for network in networks],
         "}",
@@ -5600,10 +5783,10 @@ def _nginx_trusted_maps(config: Config) -> list[str]:
     for field, variable, default in (("x_forwarded_for", "$lb_forwarded_for", None),
                                      ("x_forwarded_host", "$lb_forwarded_host", "$http_host"),
                                      ("x_forwarded_proto", "$lb_forwarded_proto", "$scheme")):
-        kept = "\"$lb_prior, $realip_remote_addr\"" if default is None else "$lb_prior"
+        kept = f"\"$lb_prior, {peer}\"" if default is None else "$lb_prior"
         lines += [f"map \"$lb_trusted_peer:$http_{field}\" {variable} {{",
                   f"    \"~^1:(?<lb_prior>.+)$\" {kept};",
-                  f"    default {default or '$realip_remote_addr'};",
+                  f"    default {default or peer};",
                   "}"]
     return lines + ["map $lb_trusted_peer $lb_forwarded {", "    1 $http_forwarded;", "    default \"\";", "}"]
 
@@ -5716,7 +5899,18 @@ def _nginx_proxy_server(config: Config, specs: tuple) -> list[str]:
     what = ", with --tls-cert: HTTPS." if tls else "."
     lines = ["server {",
              f"    # --host {config.host} --port {config.port}{what}",
-             f"    listen {_nginx_listen(config.host, config.port)}{' ssl' if tls else ''};"]
+             f"    listen {_nginx_listen(config.host, config.port)}{' ssl' if tls else ''}"
+             f"{' proxy_protocol' if config.proxy_protocol_networks else ''};"]
+    if config.proxy_protocol_networks:
+        lines += [
+            f"    # --proxy-protocol-from {config.proxy_protocol_from}: connections begin with a PROXY "
+            "header (v1 or v2),",
+            "    # whose address is the client's ($remote_addr: logs, X-Forwarded-For).",
+            "    # load_balancer: it requires the header only from those addresses and refuses it from",
+            "    # others; nginx requires it on every connection to this listener.",
+            *[f"    set_real_ip_from {network};" for network in config.proxy_protocol_networks],
+            "    real_ip_header proxy_protocol;",
+        ]
     if tls:
         lines += [
             "    # TLS 1.2 and 1.3 as load_balancer; the certificate is read again on reload (nginx -s",
@@ -6061,6 +6255,7 @@ def _haproxy_frontend(config: Config) -> list[str]:
     what = ", with --tls-cert: HTTPS." if tls else "."
     lines += [f"    # --host {config.host} --port {config.port}{what}",
               f"    bind {bind}",
+              *_haproxy_accept_proxy(config),
               f"    maxconn {config.max_connections * config.workers}"]
     lines += _haproxy_access_log(config)
     lines += _haproxy_forwarded(config)
@@ -6087,6 +6282,19 @@ def _haproxy_frontend(config: Config) -> list[str]:
         ]
     lines.append("    default_backend upstreams")
     return lines
+
+
+def _haproxy_accept_proxy(config: Config) -> list[str]:
+    """--proxy-protocol-from: the PROXY header (v1 or v2) expected from those sources only."""
+    if not config.proxy_protocol_networks:
+        return []
+    networks = " ".join(str(network) for network in config.proxy_protocol_networks)
+    return [
+        f"    # --proxy-protocol-from {config.proxy_protocol_from}: a PROXY header (v1 or v2) from these "
+        "sources,",
+        "    # read before TLS; its address is the client's (src: logs, X-Forwarded-For).",
+        f"    tcp-request connection expect-proxy layer4 if {{ src {networks} }}",
+    ]
 
 
 def _haproxy_forwarded(config: Config) -> list[str]:

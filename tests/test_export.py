@@ -254,6 +254,10 @@ def config_cases(tmp: Path) -> dict:
                                                   access_log_format="json", request_id_header="X-Trace-9"),
         "request IDs off, combined log": lb.Config(backends=(UP1,), access_log=True,
                                                    access_log_format="combined", request_id_header=""),
+        "PROXY protocol in, trusted proxies": lb.Config(
+            backends=(UP1,), proxy_protocol_from="10.0.0.0/8,2001:db8::/32", trusted_proxies="192.0.2.0/24"),
+        "PROXY protocol in, TLS listener": lb.Config(
+            backends=(UP1,), proxy_protocol_from="10.0.0.0/8", tls_cert=str(cert), tls_key=str(cert) + ".key"),
         "trusted proxies, TLS listener": lb.Config(
             backends=(UP1, UP2), trusted_proxies="10.0.0.0/8, 192.0.2.7,2001:db8::/32", access_log=True,
             tls_cert=str(cert), tls_key=str(cert) + ".key"),

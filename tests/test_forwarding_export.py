@@ -10,6 +10,7 @@ missing one skips (a failure under LB_REQUIRE_SYSTEM_PROGRAMS=1).
 from __future__ import annotations
 
 import re
+import socket
 
 import pytest
 
@@ -90,6 +91,37 @@ def test_peer_trusted_proxies_as_load_balancer(target, trusted, tmp_path):
             assert wait_until(lambda: log.exists() and any(
                 line.startswith(f'{client} "GET /forged ') for line in log.read_text().splitlines())), (
                 log.read_text() if log.exists() else "no log")
+        finally:
+            stop_peer(peer)
+    finally:
+        upstream.stop()
+
+
+@pytest.mark.parametrize("target", PEERS)
+def test_peer_proxy_protocol_in_as_load_balancer(target, tmp_path):
+    """--proxy-protocol-from: the address of a PROXY v1 or v2 header is the client's upstream."""
+    require_program(target)
+    upstream = PortServer()
+    try:
+        port, = free_ports(1)
+        config = lb.Config(backends=(f"http://127.0.0.1:{upstream.port}",), host="127.0.0.1", port=port,
+                           health_interval=0, proxy_protocol_from="127.0.0.1")
+        directory = tmp_path / target
+        peer = start_peer(target, export_config(config, target), directory)
+        try:
+            assert wait_until(lambda: accepts(port)), (directory / "peer.log").read_text()
+            v2 = (lb.PROXY_V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes([203, 0, 113, 9, 192, 0, 2, 1])
+                  + b"\x9c\x40\x1f\x90")
+            for header, client in ((b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 80\r\n", "203.0.113.7"),
+                                   (v2, "203.0.113.9")):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(header + b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    answer = b""
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200 "), answer
+                _, headers = upstream.proxied()[-1]
+                assert headers.get_all("X-Forwarded-For") == [client], headers
         finally:
             stop_peer(peer)
     finally:
