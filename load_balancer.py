@@ -261,7 +261,8 @@ class Config:
     """Every setting, with its default. Command-line flags are these names with dashes."""
 
     backends: tuple = setting(
-        tuple(SERVER_URLS), "upstream URL[,weight=N][,backup][,name=NAME], repeatable; replaces "
+        tuple(SERVER_URLS), "upstream URL (http://, https:// or unix:/path.sock)[,weight=N][,backup]"
+        "[,name=NAME], repeatable; replaces "
         f"SERVER_URLS ({', '.join(SERVER_URLS)})", flag="--backend", metavar="BACKEND", reload=True)
     backends_file: str | None = setting(
         None, "file with one backend per line (same syntax, # comments); read again on SIGHUP",
@@ -418,16 +419,22 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """One upstream as configured: ``URL[,weight=N][,backup][,name=NAME]``."""
+    """One upstream as configured: ``URL[,weight=N][,backup][,name=NAME]``, where URL may also be
+    ``unix:/path/to/app.sock`` (HTTP over a Unix socket: nginx's ``server unix:``)."""
 
     url: str
     scheme: str
     host: str
     port: int
-    netloc: str        # host[:port] as written: the Host header sent upstream
-    name: str          # host:port as written, unless name= says otherwise
+    netloc: str        # host[:port] as written: the Host header sent upstream (unix: localhost)
+    name: str          # host:port as written (unix: the path), unless name= says otherwise
     weight: int = 1
     backup: bool = False
+    unix_path: str | None = None  # a unix: upstream's socket
+
+
+# sun_path holds 108 bytes with its NUL on Linux (104 on the BSDs and macOS).
+MAX_UNIX_PATH = 107
 
 
 BACKEND_NAME = re.compile(r"[A-Za-z0-9._:\[\]~-]{1,100}")
@@ -438,6 +445,8 @@ def parse_backend(text: str) -> BackendSpec:
     """``http://10.0.0.5:8000,weight=3,backup,name=a`` -> BackendSpec; ValueError with a one-line
     reason otherwise."""
     url, *options = [part.strip() for part in text.strip().split(",")]
+    if url.startswith("unix:"):
+        return parse_unix_backend(text, url, options)
     try:
         parts = urlsplit(url)
         port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
@@ -452,7 +461,27 @@ def parse_backend(text: str) -> BackendSpec:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"invalid backend URL {url!r}: give scheme, host and port only (no path)")
     host_port = parts.netloc if parts.port else f"{parts.netloc}:{port}"
-    values = {"weight": 1, "backup": False, "name": host_port}
+    values = parse_backend_options(text, options, host_port)
+    return BackendSpec(url=url.rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port,
+                       netloc=parts.netloc, **values)
+
+
+def parse_unix_backend(text: str, url: str, options: list) -> BackendSpec:
+    """``unix:/run/app.sock[,options]``: HTTP over a Unix socket. Requests carry the client's
+    Host, or ``localhost``; the name defaults to the path."""
+    path = url[len("unix:"):]
+    if not path.startswith("/") or any(c in path for c in " \t\r\n\0#"):
+        raise ValueError(f"invalid backend {url!r}: a Unix socket is unix:/absolute/path")
+    if len(path.encode("utf-8")) > MAX_UNIX_PATH:
+        raise ValueError(f"invalid backend {url!r}: a Unix socket path has at most {MAX_UNIX_PATH} bytes")
+    values = parse_backend_options(text, options, path)
+    return BackendSpec(url=url, scheme="http", host="localhost", port=0, netloc="localhost",
+                       unix_path=path, **values)
+
+
+def parse_backend_options(text: str, options: list, name: str) -> dict:
+    """``weight=N``, ``backup``, ``name=NAME`` after a backend's address, with `name` the default."""
+    values = {"weight": 1, "backup": False, "name": name}
     for option in options:
         key, equals, value = option.partition("=")
         if key == "backup" and not equals:
@@ -468,8 +497,7 @@ def parse_backend(text: str) -> BackendSpec:
         else:
             raise ValueError(f"invalid backend {text!r}: unknown option {option!r} "
                              "(known: weight=N, backup, name=NAME)")
-    return BackendSpec(url=url.rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port,
-                       netloc=parts.netloc, **values)
+    return values
 
 
 def parse_backends(texts) -> tuple:
@@ -1594,6 +1622,14 @@ class TLSStream(Stream):
             return 0
 
 
+class UnixStream(Stream):
+    """A Unix stream socket (a unix: upstream): a plain Stream without TCP_INFO, which only TCP
+    sockets have; an idle one is fit for reuse when nothing waits to be read (poll)."""
+
+    def is_reusable(self) -> bool:
+        return not self.readable_now()
+
+
 class SocketReader(io.RawIOBase):
     """The raw stream under a BufferedReader: one recv per read, a timeout reported as
     socket.timeout (socket.makefile would turn it into an end of stream), and a position, so that
@@ -2018,7 +2054,7 @@ class Backend:
         self.name, self.url = spec.name, spec.url
         self.host, self.port = spec.host, spec.port
         # In log lines: the URL, and the name too when it is not the URL's own host:port.
-        own_name = spec.netloc if urlsplit(spec.url).port else f"{spec.netloc}:{spec.port}"
+        own_name = spec.unix_path or (spec.netloc if urlsplit(spec.url).port else f"{spec.netloc}:{spec.port}")
         self.label = spec.url if spec.name == own_name else f"{spec.name} ({spec.url})"
         self.host_header = spec.netloc.encode("idna")
         self.pool = ConnectionPool(self, config)
@@ -2296,13 +2332,18 @@ class HealthChecker:
         config = self.config
         started = time.monotonic()
         try:
+            if spec.unix_path is not None and config.health_path is None:
+                connect_unix(spec.unix_path, config.health_timeout).close()
+                return True, f"connect to {spec.unix_path} in {(time.monotonic() - started) * 1000:.1f} ms"
             if config.health_path is None:
                 with socket.create_connection((spec.host, spec.port), timeout=config.health_timeout) as sock:
                     if spec.scheme == "https":
                         self.tls.wrap_socket(sock, server_hostname=spec.host).close()
                 what = "TLS handshake" if spec.scheme == "https" else "TCP connect"
                 return True, f"{what} in {(time.monotonic() - started) * 1000:.1f} ms"
-            if spec.scheme == "https":
+            if spec.unix_path is not None:
+                conn = UnixHTTPConnection(spec.unix_path, config.health_timeout)
+            elif spec.scheme == "https":
                 conn = http.client.HTTPSConnection(spec.host, spec.port, timeout=config.health_timeout,
                                                    context=self.tls)
             else:
@@ -2446,6 +2487,13 @@ class UpstreamConnection(http.client.HTTPConnection):
         self.stream: Stream | None = None
 
     def connect(self) -> None:
+        path = self.backend.spec.unix_path
+        if path is not None:
+            self.sock = connect_unix(path, self.timeout)
+            self.sock.settimeout(None)
+            self.stream = UnixStream(self.sock)
+            self.stream.set_timeout(self.config.timeout)
+            return
         super().connect()
         if self.backend.spec.scheme == "https":
             self.sock = client_tls_context(self.config.backend_ca).wrap_socket(
@@ -2459,6 +2507,29 @@ class UpstreamConnection(http.client.HTTPConnection):
     def makefile(self, mode: str) -> io.BufferedReader:
         return self.stream.reader
 
+
+
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A connected Unix stream socket (a unix: upstream, its health check)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket: the HTTP health check of a unix: upstream."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = connect_unix(self.socket_path, self.timeout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -5531,6 +5602,14 @@ def _export_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _export_server_address(spec: BackendSpec, target: str) -> str:
+    """A server's address: host:port, or a Unix socket (nginx ``unix:/path``, HAProxy ``/path``)."""
+    if spec.unix_path is not None:
+        path = spec.unix_path
+        return _nginx_word("unix:" + path) if target == "nginx" else _haproxy_word(path)
+    return _export_address(spec.host, spec.port)
+
+
 def _export_indent(lines: list[str], by: str = "    ") -> list[str]:
     """`lines` one block level deeper (empty lines stay empty)."""
     return [by + line if line else "" for line in lines]
@@ -5874,8 +5953,8 @@ def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
         backup = " backup" if spec.backup and not every_backup else ""
         default_name = spec.netloc if spec.name == spec.netloc else f"{spec.netloc}:{spec.port}"
         name = "" if spec.name in (spec.netloc, default_name) else f"  # {spec.name}"
-        lines.append(f"    server {_export_address(spec.host, spec.port)}{weight}{passive}{backup};{name}")
-    if any(not _export_is_ip(spec.host) for spec in specs):
+        lines.append(f"    server {_export_server_address(spec, 'nginx')}{weight}{passive}{backup};{name}")
+    if any(not _export_is_ip(spec.host) and not spec.unix_path for spec in specs):
         lines += ["    # load_balancer: nginx looks a host name up once, at start (and will not start if",
                   "    # it does not resolve), each address becoming a server of that weight; load_balancer",
                   "    # looks it up for each new connection and uses the first address that answers."]
@@ -6476,7 +6555,7 @@ def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str
             lines += ["    # load_balancer: an https:// upstream addressed by IP: HAProxy matches the IP",
                       "    # against the certificate's DNS names, where Python matches its IP addresses."]
     for spec, name in zip(specs, names):
-        words = [f"    server {name} {_export_address(spec.host, spec.port)}"]
+        words = [f"    server {name} {_export_server_address(spec, 'haproxy')}"]
         if spec.weight != 1:
             words.append(f"weight {spec.weight}")
         if spec.backup:
@@ -6487,7 +6566,7 @@ def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str
             if config.health_interval:
                 words.append(f"check-sni {spec.host}")
         lines.append(" ".join(words) + (f"  # {spec.name}" if name != spec.name else ""))
-    if any(not _export_is_ip(spec.host) for spec in specs):
+    if any(not _export_is_ip(spec.host) and not spec.unix_path for spec in specs):
         lines += ["    # load_balancer: a host name is looked up once, when HAProxy starts (a resolvers",
                   "    # section would follow changes); load_balancer looks it up for each new connection."]
     return lines

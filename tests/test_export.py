@@ -258,6 +258,9 @@ def config_cases(tmp: Path) -> dict:
             backends=(UP1,), proxy_protocol_from="10.0.0.0/8,2001:db8::/32", trusted_proxies="192.0.2.0/24"),
         "PROXY protocol in, TLS listener": lb.Config(
             backends=(UP1,), proxy_protocol_from="10.0.0.0/8", tls_cert=str(cert), tls_key=str(cert) + ".key"),
+        "unix sockets, health path": lb.Config(
+            backends=("unix:/run/app.sock,weight=2", "unix:/run/other-app.sock,name=other",
+                      UP1 + ",backup"), health_path="/health"),
         "trusted proxies, TLS listener": lb.Config(
             backends=(UP1, UP2), trusted_proxies="10.0.0.0/8, 192.0.2.7,2001:db8::/32", access_log=True,
             tls_cert=str(cert), tls_key=str(cert) + ".key"),
