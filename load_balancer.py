@@ -431,6 +431,7 @@ class BackendSpec:
     weight: int = 1
     backup: bool = False
     unix_path: str | None = None  # a unix: upstream's socket
+    send_proxy: int = 0           # PROXY protocol version sent first on each connection (0: none)
 
 
 # sun_path holds 108 bytes with its NUL on Linux (104 on the BSDs and macOS).
@@ -480,12 +481,17 @@ def parse_unix_backend(text: str, url: str, options: list) -> BackendSpec:
 
 
 def parse_backend_options(text: str, options: list, name: str) -> dict:
-    """``weight=N``, ``backup``, ``name=NAME`` after a backend's address, with `name` the default."""
-    values = {"weight": 1, "backup": False, "name": name}
+    """``weight=N``, ``backup``, ``name=NAME``, ``send-proxy``, ``send-proxy-v2`` (HAProxy's names)
+    after a backend's address, with `name` the default."""
+    values = {"weight": 1, "backup": False, "name": name, "send_proxy": 0}
     for option in options:
         key, equals, value = option.partition("=")
         if key == "backup" and not equals:
             values["backup"] = True
+        elif key in ("send-proxy", "send-proxy-v2") and not equals:
+            if values["send_proxy"]:
+                raise ValueError(f"invalid backend {text!r}: send-proxy and send-proxy-v2 exclude each other")
+            values["send_proxy"] = 2 if key == "send-proxy-v2" else 1
         elif key == "weight" and equals:
             if not value.isdigit() or not 1 <= int(value) <= MAX_WEIGHT:
                 raise ValueError(f"invalid backend {text!r}: weight must be 1-{MAX_WEIGHT}, got {value!r}")
@@ -496,7 +502,7 @@ def parse_backend_options(text: str, options: list, name: str) -> dict:
             values["name"] = value
         else:
             raise ValueError(f"invalid backend {text!r}: unknown option {option!r} "
-                             "(known: weight=N, backup, name=NAME)")
+                             "(known: weight=N, backup, name=NAME, send-proxy, send-proxy-v2)")
     return values
 
 
@@ -1333,6 +1339,25 @@ def parse_proxy_v2(data: bytes) -> tuple[ProxyHeader | None, int]:
     source, destination, source_port, destination_port = struct.unpack_from(layout, data, 16)
     return ProxyHeader(2, command, (str(ipaddress.ip_address(source)), source_port),
                        (str(ipaddress.ip_address(destination)), destination_port)), length
+
+
+def proxy_header_bytes(version: int, source: tuple | None = None, destination: tuple | None = None) -> bytes:
+    """The PROXY header a connection to a send-proxy upstream begins with: `source` (the client)
+    and `destination` (the address it reached) as (address, port); without them v1 ``UNKNOWN``,
+    v2 ``LOCAL`` (the balancer's own connection: a health check). An IPv4 address beside an IPv6
+    one is written as IPv4-mapped IPv6, so that both are of one family (the spec's rule)."""
+    if source is None or destination is None:
+        return b"PROXY UNKNOWN\r\n" if version == 1 else PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"
+    addresses = [ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])]
+    addresses = [a.ipv4_mapped or a if a.version == 6 else a for a in addresses]
+    if addresses[0].version != addresses[1].version:
+        addresses = [ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a for a in addresses]
+    six = addresses[0].version == 6
+    if version == 1:
+        return b"PROXY %s %s %s %d %d\r\n" % (b"TCP6" if six else b"TCP4", str(addresses[0]).encode(),
+                                              str(addresses[1]).encode(), source[1], destination[1])
+    block = addresses[0].packed + addresses[1].packed + struct.pack("!HH", source[1], destination[1])
+    return PROXY_V2_SIGNATURE + bytes([0x21, 0x21 if six else 0x11]) + struct.pack("!H", len(block)) + block
 
 
 def read_proxy_header(sock: socket.socket, deadline: float) -> ProxyHeader:
@@ -2332,22 +2357,16 @@ class HealthChecker:
         config = self.config
         started = time.monotonic()
         try:
-            if spec.unix_path is not None and config.health_path is None:
-                connect_unix(spec.unix_path, config.health_timeout).close()
-                return True, f"connect to {spec.unix_path} in {(time.monotonic() - started) * 1000:.1f} ms"
+            # A send-proxy upstream gets a PROXY header on checks too: LOCAL (v2), UNKNOWN (v1).
+            sock = open_upstream(spec, config.health_timeout, self.tls if spec.scheme == "https" else None,
+                                 proxy_header_bytes(spec.send_proxy) if spec.send_proxy else b"")
             if config.health_path is None:
-                with socket.create_connection((spec.host, spec.port), timeout=config.health_timeout) as sock:
-                    if spec.scheme == "https":
-                        self.tls.wrap_socket(sock, server_hostname=spec.host).close()
-                what = "TLS handshake" if spec.scheme == "https" else "TCP connect"
+                sock.close()
+                what = ("TLS handshake" if spec.scheme == "https" else
+                        f"connect to {spec.unix_path}" if spec.unix_path else "TCP connect")
                 return True, f"{what} in {(time.monotonic() - started) * 1000:.1f} ms"
-            if spec.unix_path is not None:
-                conn = UnixHTTPConnection(spec.unix_path, config.health_timeout)
-            elif spec.scheme == "https":
-                conn = http.client.HTTPSConnection(spec.host, spec.port, timeout=config.health_timeout,
-                                                   context=self.tls)
-            else:
-                conn = http.client.HTTPConnection(spec.host, spec.port, timeout=config.health_timeout)
+            conn = http.client.HTTPConnection(spec.host, spec.port, timeout=config.health_timeout)
+            conn.sock = sock  # connected above
             try:
                 conn.request("GET", config.health_path, headers={
                     "Host": spec.netloc, "Connection": "close",
@@ -2475,38 +2494,59 @@ class UpstreamResponse(http.client.HTTPResponse):
 
 
 class UpstreamConnection(http.client.HTTPConnection):
-    """A keep-alive connection to one upstream. http.client opens it (connect timeout,
-    TCP_NODELAY); an https:// upstream's certificate is then verified against its host name; the
-    request head, validated on the way in, goes out with one send."""
+    """A keep-alive connection to one upstream, opened by open_upstream (TCP with TCP_NODELAY or a
+    Unix socket; the PROXY header of a send-proxy upstream; TLS, the certificate verified against
+    the host name, for https://); the request head, validated on the way in, goes out with one
+    send. `owner`: the client connection (ProxyHandler) of a send-proxy upstream's connection,
+    whose address its PROXY header carries: the connection is that client's only (see
+    ConnectionPool)."""
 
     response_class = UpstreamResponse
 
-    def __init__(self, backend: Backend, config: Config):
+    def __init__(self, backend: Backend, config: Config, owner: ProxyHandler | None = None):
         super().__init__(backend.host, backend.port, timeout=config.connect_timeout)
         self.backend, self.config = backend, config
         self.stream: Stream | None = None
+        self.owner = owner if backend.spec.send_proxy else None
+        self.proxy_header = (proxy_header_bytes(backend.spec.send_proxy, *owner.proxy_endpoints())
+                             if self.owner is not None else b"")
 
     def connect(self) -> None:
-        path = self.backend.spec.unix_path
-        if path is not None:
-            self.sock = connect_unix(path, self.timeout)
-            self.sock.settimeout(None)
-            self.stream = UnixStream(self.sock)
-            self.stream.set_timeout(self.config.timeout)
-            return
-        super().connect()
-        if self.backend.spec.scheme == "https":
-            self.sock = client_tls_context(self.config.backend_ca).wrap_socket(
-                self.sock, server_hostname=self.backend.host)
+        spec = self.backend.spec
+        tls = client_tls_context(self.config.backend_ca) if spec.scheme == "https" else None
+        self.sock = open_upstream(spec, self.timeout, tls, self.proxy_header)
+        if tls is not None:
             self.stream = TLSStream(self.sock)
         else:
             self.sock.settimeout(None)  # blocking, with kernel timeouts: see set_timeout
-            self.stream = Stream(self.sock)
+            self.stream = UnixStream(self.sock) if spec.unix_path else Stream(self.sock)
         self.stream.set_timeout(self.config.timeout)
 
     def makefile(self, mode: str) -> io.BufferedReader:
         return self.stream.reader
 
+
+
+def open_upstream(spec: BackendSpec, timeout: float, tls: ssl.SSLContext | None,
+                  proxy_header: bytes = b"") -> socket.socket:
+    """A connection to an upstream, for requests and health checks alike: TCP (TCP_NODELAY: a
+    head and a body in two sends would wait for an ACK) or a Unix socket, then `proxy_header` as
+    its first bytes (before TLS, as HAProxy sends it), then the TLS handshake when `tls` is given
+    (SNI and the certificate checked against the host)."""
+    if spec.unix_path is not None:
+        sock = connect_unix(spec.unix_path, timeout)
+    else:
+        sock = socket.create_connection((spec.host, spec.port), timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if proxy_header:
+            sock.sendall(proxy_header)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=spec.host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def connect_unix(path: str, timeout: float) -> socket.socket:
@@ -2519,17 +2559,6 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a Unix socket: the HTTP health check of a unix: upstream."""
-
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = connect_unix(self.socket_path, self.timeout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -2557,8 +2586,16 @@ class ConnectionPool:
     def __len__(self) -> int:
         return len(self._idle)
 
-    def take_idle(self) -> UpstreamConnection | None:
-        """The most recently used idle connection still fit for reuse, or None."""
+    def take_idle(self, client: ProxyHandler | None = None) -> UpstreamConnection | None:
+        """The most recently used idle connection still fit for reuse, or None. A send-proxy
+        upstream's connections are private (HAProxy makes them so): only `client`'s own."""
+        if self.backend.spec.send_proxy:
+            conn = client.private_upstreams.pop(self.backend.slot, None) if client is not None else None
+            if conn is not None and conn.stream.is_reusable():
+                return conn
+            if conn is not None:
+                conn.close()
+            return None
         idle = self._idle
         while idle:
             try:
@@ -2572,9 +2609,10 @@ class ConnectionPool:
             conn.close()
         return None
 
-    def connect(self) -> UpstreamConnection:
-        """A new connection. Raises UpstreamError when it cannot be made."""
-        conn = UpstreamConnection(self.backend, self.config)
+    def connect(self, client: ProxyHandler | None = None) -> UpstreamConnection:
+        """A new connection (for `client`: a send-proxy upstream's carries its address). Raises
+        UpstreamError when it cannot be made."""
+        conn = UpstreamConnection(self.backend, self.config, client)
         try:
             conn.connect()
         except (OSError, ValueError) as error:
@@ -2583,6 +2621,15 @@ class ConnectionPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
+        if conn.owner is not None:  # kept for its client's next request only, never pooled
+            if self.closed or self.backend.maint or conn.owner.stream is None:
+                conn.close()
+            else:
+                previous = conn.owner.private_upstreams.get(self.backend.slot)
+                conn.owner.private_upstreams[self.backend.slot] = conn
+                if previous is not None and previous is not conn:
+                    previous.close()
+            return
         idle = self._idle
         if not self.closed and len(idle) < self.config.pool_size and not self.backend.maint:
             idle.append(conn)
@@ -2751,6 +2798,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.command = self.path = self.request_version = ""
         self.stream: Stream | None = None
         self.tunnel_peer: Stream | None = None
+        self.private_upstreams: dict = {}    # slot -> idle connection to a send-proxy upstream
+        self.proxy_destination = None        # the address a PROXY header said the client reached
         self.server.track(self, True)
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2768,6 +2817,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self.server.track(self, False)
+        for conn in self.private_upstreams.values():  # they carry this client's address: no one else's
+            conn.close()
+        self.private_upstreams.clear()
         if self.linger and self.stream is not None:
             linger_close(self.stream)
         if self.stream is not None and self.stream.tls:
@@ -2855,6 +2907,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if len(parts) == 3 and parts[0] and not parts[0].translate(None, TCHAR) and len(line) <= 8192:
             self.command, self.path, self.request_version = (
                 part.decode("latin-1").encode("unicode_escape").decode("ascii") for part in parts)
+
+    def proxy_endpoints(self) -> tuple:
+        """(source, destination) for a PROXY header to a send-proxy upstream: the client address
+        with its port (0 when the address came from X-Forwarded-For, which has none), and the
+        address it reached (as its own PROXY header said, else this connection's)."""
+        port = self.client_address[1] if self.client_ip == self.peer_ip else 0
+        destination = self.proxy_destination or self.connection.getsockname()[:2]
+        return (self.client_ip.decode("ascii"), port), destination
 
     def identify(self, request: Request) -> None:
         """Who a request is from and what it is called, decided once per request: the client
@@ -2948,10 +3008,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if body:
             head += body
         for attempt in (1, 2):
-            conn = None if request.upgrade else backend.pool.take_idle()
+            conn = None if request.upgrade else backend.pool.take_idle(self)
             reused = conn is not None
             if not reused:
-                conn = self.outside_gate(backend.pool.connect)
+                conn = self.outside_gate(backend.pool.connect, self)
             early_head = None
             try:
                 if body is not None:
@@ -3593,6 +3653,7 @@ class ProxyServer(ThreadingHTTPServer):
                 if header.source is not None:  # else LOCAL or UNKNOWN: the connection's own
                     handler.client_address = header.source
                     handler.peer_ip = handler.client_ip = header.source[0].encode("ascii")
+                    handler.proxy_destination = header.destination
                 return True
             sock.settimeout(self.config.header_timeout)
             first = sock.recv(len(PROXY_V2_SIGNATURE), socket.MSG_PEEK)
@@ -5954,6 +6015,12 @@ def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
         default_name = spec.netloc if spec.name == spec.netloc else f"{spec.netloc}:{spec.port}"
         name = "" if spec.name in (spec.netloc, default_name) else f"  # {spec.name}"
         lines.append(f"    server {_export_server_address(spec, 'nginx')}{weight}{passive}{backup};{name}")
+    for spec in specs:
+        if spec.send_proxy:
+            option = "send-proxy-v2" if spec.send_proxy == 2 else "send-proxy"
+            lines += [f"    # load_balancer: {spec.name} gets a PROXY protocol v{spec.send_proxy} header on each "
+                      f"connection ({option});",
+                      "    # nginx's http proxy cannot send one (proxy_protocol on is the stream module's)."]
     if any(not _export_is_ip(spec.host) and not spec.unix_path for spec in specs):
         lines += ["    # load_balancer: nginx looks a host name up once, at start (and will not start if",
                   "    # it does not resolve), each address becoming a server of that weight; load_balancer",
@@ -6560,6 +6627,8 @@ def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str
             words.append(f"weight {spec.weight}")
         if spec.backup:
             words.append("backup")
+        if spec.send_proxy:  # on health checks too (HAProxy's default); such connections are private
+            words.append("send-proxy-v2" if spec.send_proxy == 2 else "send-proxy")
         if spec.scheme == "https":
             words.append(f"ssl verify required ca-file {_haproxy_word(ca)} sni str({spec.host}) "
                          "ssl-min-ver TLSv1.2 alpn http/1.1")

@@ -261,6 +261,9 @@ def config_cases(tmp: Path) -> dict:
         "unix sockets, health path": lb.Config(
             backends=("unix:/run/app.sock,weight=2", "unix:/run/other-app.sock,name=other",
                       UP1 + ",backup"), health_path="/health"),
+        "send-proxy, send-proxy-v2, https": lb.Config(
+            backends=(UP1 + ",send-proxy", "https://localhost:18443,send-proxy-v2", "unix:/run/a.sock,send-proxy"),
+            health_path="/health"),
         "trusted proxies, TLS listener": lb.Config(
             backends=(UP1, UP2), trusted_proxies="10.0.0.0/8, 192.0.2.7,2001:db8::/32", access_log=True,
             tls_cert=str(cert), tls_key=str(cert) + ".key"),

@@ -126,3 +126,22 @@ def test_peer_proxy_protocol_in_as_load_balancer(target, tmp_path):
             stop_peer(peer)
     finally:
         upstream.stop()
+
+
+def test_haproxy_send_proxy_as_load_balancer(tmp_path, raw_upstream):
+    """send-proxy-v2 on a backend: HAProxy on the exported file sends the client's address too."""
+    from test_proxy_protocol import ProxiedConnections, client_from
+    require_program("haproxy")
+    recorder = ProxiedConnections()
+    up = raw_upstream(recorder)
+    port, = free_ports(1)
+    config = lb.Config(backends=(f"{up.url},send-proxy-v2",), host="127.0.0.1", port=port, health_interval=0)
+    peer = start_peer("haproxy", export_config(config, "haproxy"), tmp_path / "haproxy")
+    try:
+        assert wait_until(lambda: accepts(port)), (tmp_path / "haproxy" / "peer.log").read_text()
+        with client_from(port, "127.0.0.2") as client:
+            answer = client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (answer.status, answer.body) == (200, f"127.0.0.2 {client.sock.getsockname()[1]}".encode())
+    finally:
+        stop_peer(peer)
+    assert recorder.connections[0]["header"].version == 2

@@ -313,3 +313,176 @@ backend balancer
     assert up.requests[-1].header("X-Forwarded-For") == "127.0.0.2"
     assert wait_until(lambda: access_lines(logged))
     assert [line["client"] for line in access_lines(logged) if line["target"] == "/via-haproxy"] == ["127.0.0.2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# PROXY protocol out: send-proxy, send-proxy-v2
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version, source, destination, expected", [
+    pytest.param(1, ("203.0.113.7", 5000), ("192.0.2.1", 80), b"PROXY TCP4 203.0.113.7 192.0.2.1 5000 80\r\n",
+                 id="v1-tcp4"),
+    pytest.param(1, ("2001:db8::7", 5000), ("2001:db8::1", 443),
+                 b"PROXY TCP6 2001:db8::7 2001:db8::1 5000 443\r\n", id="v1-tcp6"),
+    pytest.param(1, ("203.0.113.7", 5000), ("::ffff:192.0.2.1", 80),
+                 b"PROXY TCP4 203.0.113.7 192.0.2.1 5000 80\r\n", id="v1-mapped-is-ipv4"),
+    pytest.param(1, ("203.0.113.7", 5000), ("2001:db8::1", 80),
+                 b"PROXY TCP6 ::ffff:cb00:7107 2001:db8::1 5000 80\r\n", id="v1-mixed-families-as-ipv6"),
+    pytest.param(1, None, None, b"PROXY UNKNOWN\r\n", id="v1-unknown"),
+    pytest.param(2, ("203.0.113.9", 40000), ("192.0.2.1", 8080), v2(addresses=INET), id="v2-inet"),
+    pytest.param(2, ("2001:db8::9", 40001), ("2001:db8::1", 443), v2(family=0x21, addresses=INET6), id="v2-inet6"),
+    pytest.param(2, None, None, v2(command=0, family=0x00), id="v2-local"),
+])
+def test_header_bytes(version, source, destination, expected):
+    assert lb.proxy_header_bytes(version, source, destination) == expected
+    parsed, length = lb.parse_proxy_header(expected)
+    assert length == len(expected) and parsed.version == version
+
+
+def test_send_proxy_options():
+    assert lb.parse_backend("http://127.0.0.1:1,send-proxy").send_proxy == 1
+    assert lb.parse_backend("unix:/run/a.sock,send-proxy-v2,weight=2").send_proxy == 2
+    assert lb.parse_backend("http://127.0.0.1:1").send_proxy == 0
+    with pytest.raises(ValueError, match="exclude each other"):
+        lb.parse_backend("http://127.0.0.1:1,send-proxy,send-proxy-v2")
+
+
+class ProxiedConnections:
+    """A raw upstream that reads each connection's PROXY header, then answers HTTP/1.1 requests
+    with the source it carried; records (header, requests) per connection and when each ended."""
+
+    def __init__(self):
+        self.connections: list = []
+
+    def __call__(self, conn, up):
+        record = {"header": None, "requests": 0, "ended": False}
+        self.connections.append(record)
+        data = b""
+        try:
+            while record["header"] is None:
+                more = up.recv(conn)
+                if not more:
+                    return
+                data += more
+                header, length = lb.parse_proxy_header(data)
+                if header is not None:
+                    record["header"], data = header, data[length:]
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = up.recv(conn)
+                    if not more:
+                        return
+                    data += more
+                data = data.partition(b"\r\n\r\n")[2]
+                record["requests"] += 1
+                source = record["header"].source
+                body = f"{source[0]} {source[1]}".encode() if source else b"local"
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        finally:
+            record["ended"] = True
+
+
+def client_from(port: int, source: str) -> RawClient:
+    client = RawClient.__new__(RawClient)
+    client.sock = socket.socket()
+    client.sock.settimeout(5)
+    client.sock.bind((source, 0))
+    client.sock.connect(("127.0.0.1", port))
+    client.file = client.sock.makefile("rb")
+    return client
+
+
+@pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
+def test_connections_are_private_to_their_client(raw_upstream, balancer, option):
+    recorder = ProxiedConnections()
+    up = raw_upstream(recorder)
+    b = balancer([f"{up.url},{option}"])
+    one, two = client_from(b.port, "127.0.0.2"), client_from(b.port, "127.0.0.3")
+    try:
+        request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+        answers = [client.request(request).body for client in (one, two, one, two)]
+        assert [a.split(b" ")[0] for a in answers] == [b"127.0.0.2", b"127.0.0.3"] * 2
+        assert answers[0].split(b" ")[1] == str(one.sock.getsockname()[1]).encode()  # and its port
+        assert sorted((c["header"].source[0], c["requests"]) for c in recorder.connections) == [
+            ("127.0.0.2", 2), ("127.0.0.3", 2)]
+        assert {c["header"].version for c in recorder.connections} == {2 if option.endswith("v2") else 1}
+        assert recorder.connections[0]["header"].destination == ("127.0.0.1", b.port)
+        one.close()
+        assert wait_until(lambda: [c["ended"] for c in recorder.connections] == [True, False])
+    finally:
+        one.close()
+        two.close()
+
+
+def test_address_from_a_proxy_header_is_passed_on(raw_upstream, balancer):
+    recorder = ProxiedConnections()
+    up = raw_upstream(recorder)
+    b = balancer([f"{up.url},send-proxy-v2"], proxy_protocol_from="127.0.0.1")
+    answer = exchange(b.port, V1 + GET)
+    assert answer.endswith(b"\r\n\r\n203.0.113.7 56324"), answer
+    assert recorder.connections[0]["header"].destination == ("192.0.2.1", 443)
+
+
+@pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
+def test_health_checks_send_local_or_unknown(raw_upstream, balancer, option):
+    recorder = ProxiedConnections()
+    up = raw_upstream(recorder)
+    b = balancer([f"{up.url},{option}"], health_interval=0.1, health_path="/health", rise=1)
+    assert wait_until(lambda: b.status()["backends"][0]["checks"]["passed"] >= 1), b.status()
+    first = recorder.connections[0]["header"]
+    assert (first.command, first.source) == ("LOCAL" if option.endswith("v2") else "UNKNOWN", None)
+
+
+UPSTREAM_PEERS = {
+    "haproxy": """
+global
+    log stdout format raw local0 warning
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 10s
+    timeout server 10s
+frontend upstream
+    bind 127.0.0.1:{port} accept-proxy
+    http-request return status 200 content-type text/plain lf-string "%[src] %[src_port]"
+""",
+    "nginx": """
+pid nginx.pid;
+lock_file nginx.lock;
+error_log stderr warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path client_body_temp;
+    proxy_temp_path proxy_temp;
+    fastcgi_temp_path fastcgi_temp;
+    uwsgi_temp_path uwsgi_temp;
+    scgi_temp_path scgi_temp;
+    server {{
+        listen 127.0.0.1:{port} proxy_protocol;
+        location / {{
+            return 200 "$proxy_protocol_addr $proxy_protocol_port";
+        }}
+    }}
+}}
+""",
+}
+
+
+@pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
+@pytest.mark.parametrize("target", ["haproxy", "nginx"])
+def test_peer_as_the_upstream_receives_the_client_address(balancer, tmp_path, target, option):
+    require_program(target)
+    port, = free_ports(1)
+    peer = start_peer(target, UPSTREAM_PEERS[target].format(port=port), tmp_path / target)
+    try:
+        assert wait_until(lambda: accepts(port)), (tmp_path / target / "peer.log").read_text()
+        b = balancer([f"http://127.0.0.1:{port},{option}"], health_interval=0.1, health_path="/", rise=1)
+        with client_from(b.port, "127.0.0.2") as client:
+            answer = client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (answer.status, answer.body) == (200, f"127.0.0.2 {client.sock.getsockname()[1]}".encode())
+        # The peer refuses a connection without the header: a passing check sent one (LOCAL/UNKNOWN).
+        assert wait_until(lambda: b.status()["backends"][0]["checks"]["passed"] >= 2), b.status()
+        assert b.status()["backends"][0]["checks"]["failed"] == 0
+    finally:
+        stop_peer(peer)
