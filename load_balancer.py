@@ -281,6 +281,10 @@ class Config:
     retry_on: str = setting("conn-failure,empty-response", "when a request goes on to the next upstream "
                             "(HAProxy retry-on): conn-failure, empty-response, response-timeout, none",
                             group="upstream side", check=retry_conditions, metavar="LIST")
+    resolve_interval: float = setting(
+        30.0, "seconds between look-ups of the backends' host names (by one process for all "
+        "workers); every address is an upstream of its own, NAME@ADDRESS; 0 = once at start",
+        group="upstream side", type=float, check=non_negative, metavar="SECONDS")
     backend_ca: str | None = setting(None, "CA bundle that verifies https:// upstreams (default: the "
                                      "system's trust store)", group="upstream side", metavar="FILE")
     # Client side. nginx: client_header_timeout 60s, client_body_timeout 60s, keepalive_timeout 75s.
@@ -432,6 +436,21 @@ class BackendSpec:
     backup: bool = False
     unix_path: str | None = None  # a unix: upstream's socket
     send_proxy: int = 0           # PROXY protocol version sent first on each connection (0: none)
+    address: str | None = None    # the address a host name resolved to (name: NAME@ADDRESS)
+
+    @property
+    def backend(self) -> str:
+        """The configured backend's name (NAME of NAME@ADDRESS)."""
+        return self.name[:-len(self.address) - 1] if self.address else self.name
+
+    @property
+    def needs_lookup(self) -> bool:
+        """A host name (not an address literal, not a Unix socket), not yet resolved."""
+        return self.address is None and self.unix_path is None and parse_address(self.host) is None
+
+    def at(self, address: str) -> BackendSpec:
+        """This backend at one address its host name resolved to."""
+        return replace(self, name=f"{self.name}@{address}", address=address)
 
 
 # sun_path holds 108 bytes with its NUL on Linux (104 on the BSDs and macOS).
@@ -1742,7 +1761,7 @@ EXPORTED_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ERROR_KINDS = ("connect", "tls", "timeout", "closed", "invalid", "body")
 
 # The header: generations that tell every process to look again.
-H_GENERATION, H_TLS_GENERATION, H_RESOLVE_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH = range(5)
+H_GENERATION, H_TLS_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH = range(4)
 HEADER_INTS = 8
 CONFIG_BYTES = 64 * 1024
 TLS_BYTES = 64 * 1024  # the certificate chain and key a reload checked, for every worker to load
@@ -1863,11 +1882,12 @@ class SharedState:
     # -- the backend set (owner writes, workers read) -------------------------------------------
 
     def publish(self, entries: list) -> None:
-        """Make [(slot, backend text)] the backend set every process routes over."""
+        """Make [(slot, backend text, address or None)] the backend set every process routes over
+        (the address a host name resolved to: see Control.resolve)."""
         data = json.dumps(entries).encode()
         if len(data) > CONFIG_BYTES:
             raise ValueError(f"the backend list takes more than {CONFIG_BYTES} bytes")
-        in_use = {slot for slot, _ in entries}
+        in_use = {entry[0] for entry in entries}
         with self.lock:
             self.config_area[:len(data)] = data
             self.header[H_CONFIG_LENGTH] = len(data)
@@ -1889,10 +1909,6 @@ class SharedState:
             base = stats_base(slot)
             counters[base + U_IN_FLIGHT] = counters[base + U_IDLE] = 0
         counters[P_RESTARTS] += 1
-
-    def bump(self, generation: int) -> None:
-        with self.lock:
-            self.header[generation] += 1
 
     def publish_tls(self, pem: bytes) -> None:
         """Make `pem` (certificate chain and key, as the owner checked it) what every worker's
@@ -2077,7 +2093,7 @@ class Backend:
         self.stats_base = stats_base(slot)
         self.maint = False                # kept by RoundRobin.refresh: no idle connection is kept
         self.name, self.url = spec.name, spec.url
-        self.host, self.port = spec.host, spec.port
+        self.host, self.port = spec.address or spec.host, spec.port
         # In log lines: the URL, and the name too when it is not the URL's own host:port.
         own_name = spec.unix_path or (spec.netloc if urlsplit(spec.url).port else f"{spec.netloc}:{spec.port}")
         self.label = spec.url if spec.name == own_name else f"{spec.name} ({spec.url})"
@@ -2186,7 +2202,6 @@ class RoundRobin:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._entries: list = []
-        self._resolve_generation = 0
         self._panic = False
         self._rotation = Rotation(-1, (), (), 0, False)
         self.refresh()
@@ -2229,10 +2244,6 @@ class RoundRobin:
             entries = shared.backend_set()
             if entries != self._entries:
                 self._adopt(entries)
-            if shared.header[H_RESOLVE_GENERATION] != self._resolve_generation:
-                self._resolve_generation = shared.header[H_RESOLVE_GENERATION]
-                for backend in self.backends.values():
-                    backend.pool.close_idle()  # the next connections look the names up again
             now = monotonic_us()
             states = {slot: shared.routing_state(slot, now) for slot in self.backends}
             up = [b for slot, b in self.backends.items() if states[slot] == "up"]
@@ -2263,8 +2274,10 @@ class RoundRobin:
         same URL keeps its pooled connections), removed ones close their idle connections (one
         in flight is closed when its request ends, see ConnectionPool.release)."""
         current = {}
-        for slot, text in entries:
+        for slot, text, address in entries:
             spec = parse_backend(text)
+            if address is not None:
+                spec = spec.at(address)
             backend = self.backends.get(slot)
             if backend is not None and backend.spec.url == spec.url:
                 backend.spec = spec
@@ -2536,7 +2549,7 @@ def open_upstream(spec: BackendSpec, timeout: float, tls: ssl.SSLContext | None,
     if spec.unix_path is not None:
         sock = connect_unix(spec.unix_path, timeout)
     else:
-        sock = socket.create_connection((spec.host, spec.port), timeout)
+        sock = socket.create_connection((spec.address or spec.host, spec.port), timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         if proxy_header:
@@ -4342,6 +4355,8 @@ function fill(tr, b, s, now) {
   put(c.nm, b.name); c.nm.title = b.url || "";
   c.bk.hidden = !b.backup;
   c.wt.hidden = w === 1 || w === undefined || w === null; put(c.wt, "weight " + w);
+  c.rs.hidden = !b.resolved; put(c.rs, b.resolved ? "resolved " + String(b.resolved).slice(17, 25) : "");
+  c.rs.title = b.resolved ? `${b.backend}: looked up ${b.resolved}` : "";
   c.state.setAttribute("data-state", st); put(c.badge, st);
   const sub = [b.health === "unchecked" ? "no checks" : b.health ? "health " + b.health : "", b.admin || "",
     b.ejected ? "ejected" : ""].filter(Boolean);
@@ -4628,6 +4643,8 @@ def _dashboard_row(backend: dict) -> str:
     state = str(backend.get("state", "")) if backend else ""
     weight = backend.get("weight", 1)
     health, admin = backend.get("health"), backend.get("admin")
+    resolved = str(backend.get("resolved") or "")  # a host name's address: when it was looked up
+    looked_up = f"{backend.get('backend')}: looked up {resolved}" if resolved else ""
     sub = ["no checks" if health == "unchecked" else f"health {health}" if health else "",
            str(admin or ""), "ejected" if backend.get("ejected") else ""]
     errors = backend.get("errors") if isinstance(backend.get("errors"), dict) else {}
@@ -4642,7 +4659,9 @@ def _dashboard_row(backend: dict) -> str:
         f'<tr{key} class="s-{e(state)}">'
         f'<td class="name"><span class="nm" title="{e(url)}">{e(name)}</span><span class="tags sub">'
         f'<span class="bk tag"{"" if backend.get("backup") else hide}>backup</span>'
-        f'<span class="wt tag"{hide if weight in (1, None) else ""}>weight {e(str(weight))}</span></span></td>'
+        f'<span class="wt tag"{hide if weight in (1, None) else ""}>weight {e(str(weight))}</span>'
+        f'<span class="rs tag"{"" if resolved else hide} title="{e(looked_up)}">'
+        f'{e("resolved " + resolved[17:25]) if resolved else ""}</span></span></td>'
         f'<td class="state"{state_attribute}><span class="badge">{e(state)}</span>'
         f'<span class="adm sub">{e(" · ".join(filter(None, sub)))}</span></td>'
         f'<td class="reason"><span class="why">{e(str(backend.get("reason") or ""))}</span>'
@@ -4741,6 +4760,19 @@ def listen(host: str, port: int, make):
         raise ListenError(host, port, error) from None
 
 
+class NameLookup(collections.namedtuple("NameLookup", "host addresses resolved error failures")):
+    """A backend's host name as last looked up: its addresses (the last known ones while
+    look-ups fail), when it last resolved (time.time(), None: never), the last error (None after
+    a success) and how many look-ups have failed."""
+
+
+def lookup_addresses(host: str, port: int) -> tuple:
+    """Every address `host` resolves to for a TCP connection, in getaddrinfo's order (RFC 6724),
+    each once: the system's resolver (/etc/hosts, DNS). Raises OSError (socket.gaierror)."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return tuple(dict.fromkeys(info[4][0] for info in found))
+
+
 class Control:
     """What there is one of per balancer, however many workers: the backend set (which name has
     which slot of the shared state, for the balancer's life), the health checker, reloads, admin
@@ -4750,8 +4782,10 @@ class Control:
     def __init__(self, config: Config, shared: SharedState, https_port: int | None = None):
         self.config, self.shared = config, shared
         self.lock = threading.Lock()        # reloads and admin actions, one at a time
-        self.slots: dict = {}               # backend name -> slot, never reused
+        self.slots: dict = {}               # backend name (NAME@ADDRESS for a host name's) -> slot, never reused
         self.current: list = []             # [(slot, BackendSpec)], in configured order
+        self.names: dict = {}               # backend name -> NameLookup, for backends with a host name
+        self.resolving = threading.Lock()   # one round of look-ups at a time
         self.checker = HealthChecker(shared, config, client_tls_context(config.backend_ca))
         self.history: collections.deque = collections.deque(maxlen=HISTORY_SAMPLES)
         self.routing: dict = {}             # slot -> routing state at the last sample
@@ -4777,11 +4811,16 @@ class Control:
 
     def apply(self, config: Config) -> tuple:
         """Make config's backends the set every worker routes over: (added, removed, changed)
-        names. A name keeps its slot, and with it its counters and its drain or maint state."""
+        names. A name keeps its slot, and with it its counters and its drain or maint state. A
+        backend with a host name is one upstream per address it resolves to (NAME@ADDRESS); a
+        name not looked up yet is looked up now."""
+        for spec in config.backend_specs:
+            if spec.needs_lookup and spec.name not in self.names:
+                self.look_up(spec)
         with self.lock:
             before = {spec.name: spec for _, spec in self.current}
             entries, current = [], []
-            for text, spec in zip(config.backends, config.backend_specs):
+            for text, spec in self.expand(config):
                 slot = self.slots.get(spec.name)
                 if slot is None:
                     slot = len(self.slots) + 1
@@ -4792,9 +4831,12 @@ class Control:
                 old = before.get(spec.name)
                 if old is None or old.url != spec.url:
                     self.shared.reset(slot, "not checked yet" if config.health_interval else "no active checks")
-                entries.append((slot, text))
+                entries.append((slot, text, spec.address))
                 current.append((slot, spec))
             self.shared.publish(entries)
+            configured = {spec.name for spec in config.backend_specs}
+            for name in set(self.names) - configured:
+                del self.names[name]
             self.current, self.config = current, config
             self.checker.update({slot: spec for slot, spec in current})
         names = {spec.name for _, spec in current}
@@ -4803,14 +4845,78 @@ class Control:
         changed = [spec.name for _, spec in current if spec.name in before and before[spec.name] != spec]
         return added, removed, changed
 
+    def expand(self, config: Config) -> list:
+        """[(backend text, BackendSpec)]: the configured backends, one per address for a host
+        name (in the order the look-up gave them; none while it has none)."""
+        expanded = []
+        for text, spec in zip(config.backends, config.backend_specs):
+            if spec.needs_lookup:
+                lookup = self.names.get(spec.name)
+                expanded += [(text, spec.at(address)) for address in (lookup.addresses if lookup else ())]
+            else:
+                expanded.append((text, spec))
+        return expanded
+
+    def look_up(self, spec: BackendSpec) -> bool:
+        """Look a backend's host name up (lookup_addresses) and keep the result; a failed or
+        empty look-up keeps the addresses known before (Caddy's grace), logged once per run of
+        failures. True if its addresses changed."""
+        before = self.names.get(spec.name)
+        try:
+            addresses = lookup_addresses(spec.host, spec.port)
+            error = None if addresses else "no address"
+        except OSError as failure:
+            addresses, error = (), describe_os_error(failure)
+        now = time.time()
+        if error is None:
+            lookup = NameLookup(spec.host, addresses, now, None, before.failures if before else 0)
+            if before is None or before.error:
+                log.info("backend %s: %s resolves to %s", spec.name, spec.host, ", ".join(addresses))
+            elif before.addresses != addresses:
+                log.info("backend %s: %s resolves to %s now (was %s)", spec.name, spec.host,
+                         ", ".join(addresses), ", ".join(before.addresses) or "nothing")
+        else:
+            kept = before.addresses if before else ()
+            lookup = NameLookup(spec.host, kept, before.resolved if before else None, error,
+                                (before.failures if before else 0) + 1)
+            if before is None:
+                log.warning("backend %s: cannot look %s up (%s): no address until it resolves (503 "
+                            "if no other upstream can answer)", spec.name, spec.host, error)
+            elif not before.error:
+                log.warning("backend %s: look-up of %s failed (%s): keeping its %d address(es)",
+                            spec.name, spec.host, error, len(kept))
+        self.names[spec.name] = lookup
+        return before is None or before.addresses != lookup.addresses
+
+    def resolve(self) -> int:
+        """Look every host name up again (every --resolve-interval, and on SIGHUP); publish the
+        new backend set if an address came or went: a new one joins the rotation, one that left
+        is drained (its requests in flight finish, no new ones come). The number of names."""
+        with self.resolving:
+            specs = [spec for spec in self.config.backend_specs if spec.needs_lookup]
+            changed = [self.look_up(spec) for spec in specs]
+            if any(changed):
+                try:
+                    self.apply(self.config)
+                except ValueError as error:
+                    log.error("new addresses not taken: %s", error)
+            return len(specs)
+
+    def run_resolver(self) -> None:
+        while not self.stopped.wait(self.config.resolve_interval):
+            try:
+                self.resolve()
+            except Exception:
+                log.exception("looking host names up failed")
+
     def reload(self) -> None:
         """SIGHUP: read --backends-file again (a file that does not parse changes nothing), or
-        with no file have names looked up again; load a renewed TLS certificate."""
+        with no file look the host names up again; load a renewed TLS certificate."""
         config = self.config
         if config.backends_file is None:
-            self.shared.bump(H_RESOLVE_GENERATION)
-            log.info("SIGHUP: no --backends-file, so the %d backend(s) stay; idle upstream connections "
-                     "closed, so that host names are looked up again", len(self.current))
+            names = self.resolve()
+            log.info("SIGHUP: no --backends-file, so the %d backend(s) stay; %d host name(s) looked "
+                     "up again", len(config.backend_specs), names)
         else:
             try:
                 added, removed, changed = self.apply(config.reloaded())
@@ -4831,18 +4937,23 @@ class Control:
 
     def set_state(self, name: str, action: str) -> dict | None:
         """The admin API: drain (no new requests; those in flight finish), maint (out at once;
-        idle connections closed; health checks go on) or ready (back in rotation). None: no such
-        backend."""
+        idle connections closed; health checks go on) or ready (back in rotation), for one
+        upstream (NAME, or NAME@ADDRESS of a host name) or every address of a backend (NAME).
+        Its /status entry, or {"name", "backends": [entries]} for several; None: no such one."""
         with self.lock:
-            slot = next((slot for slot, spec in self.current if spec.name == name), None)
-            if slot is None:
+            slots = [slot for slot, spec in self.current if spec.name == name] or [
+                slot for slot, spec in self.current if spec.address and spec.backend == name]
+            if not slots:
                 return None
             reason = {"drain": "drain: no new requests (admin API)",
                       "maint": "maint: out of rotation (admin API)",
                       "ready": "ready: back in rotation (admin API)"}[action]
-            self.shared.set_admin(slot, action, reason)
+            for slot in slots:
+                self.shared.set_admin(slot, action, reason)
         log.info("upstream %s: %s", name, reason)
-        return next(b for b in self.status()["backends"] if b["name"] == name)
+        entries = [b for b in self.status()["backends"] if b["name"] == name or b["backend"] == name]
+        exact = [b for b in entries if b["name"] == name]
+        return exact[0] if exact else {"name": name, "backends": entries}
 
     # -- counting -----------------------------------------------------------------------------
 
@@ -4917,8 +5028,11 @@ class Control:
             until_wall = self.shared.get(slot, S_EJECTED_UNTIL_WALL)
             if routing == "up" and reason.startswith("out for ") and until_wall:
                 reason, since = "back in rotation: its fail timeout passed", until_wall
+            lookup = self.names.get(spec.backend) if spec.address else None
             backends.append({
                 "name": spec.name, "url": spec.url, "weight": spec.weight, "backup": spec.backup,
+                "backend": spec.backend, "address": spec.address,
+                "resolved": http_date_of(lookup.resolved) if lookup else None,
                 "state": "down" if routing == "ejected" else routing,
                 "health": HEALTH_STATES[self.shared.get(slot, S_HEALTH)] if self.config.health_interval
                 else "unchecked",
@@ -4966,6 +5080,9 @@ class Control:
                          "requests": own[P_RESPONSES], "restarts": own[P_RESTARTS]}
                         for index, own in enumerate(per_worker)],
             "backends": backends,
+            "names": [{"backend": name, "host": lookup.host, "addresses": list(lookup.addresses),
+                       "resolved": http_date_of(lookup.resolved), "error": lookup.error,
+                       "failures": lookup.failures} for name, lookup in self.names.items()],
         }
         if history:
             status["history"] = self.history_series()
@@ -5057,6 +5174,19 @@ class Control:
                    "upgrades), by direction.")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_UP], direction="client_to_upstream")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_DOWN], direction="upstream_to_client")
+        names = list(self.names.items())
+        out.family("lb_name_addresses", "gauge", "Addresses a backend's host name resolves to (the "
+                   "last known ones while look-ups fail).")
+        for name, lookup in names:
+            out.sample("lb_name_addresses", len(lookup.addresses), backend=name)
+        out.family("lb_name_resolved_time_seconds", "gauge", "When a backend's host name last "
+                   "resolved, in Unix time (0: never).")
+        for name, lookup in names:
+            out.sample("lb_name_resolved_time_seconds", round(lookup.resolved or 0, 3), backend=name)
+        out.family("lb_name_lookup_failures_total", "counter", "Look-ups of a backend's host name "
+                   "that failed or found no address.")
+        for name, lookup in names:
+            out.sample("lb_name_lookup_failures_total", lookup.failures, backend=name)
         out.family("lb_panic_mode", "gauge", "1 while every upstream is out after failed requests "
                    "and requests are tried on them anyway.")
         out.sample("lb_panic_mode", int(panic_mode(states)))
@@ -5078,6 +5208,8 @@ class Control:
             self.threads.append((server, thread))
         thread = threading.Thread(target=self.run_sampler, daemon=True, name="sampler")
         thread.start()
+        if self.config.resolve_interval and any(spec.needs_lookup for spec in self.config.backend_specs):
+            threading.Thread(target=self.run_resolver, daemon=True, name="resolver").start()
         self.sample()
 
     def close(self) -> None:
@@ -5110,6 +5242,10 @@ PROCESS_METRICS = (
     ("lb_sent_bytes_total", "counter", P_SENT, "Bytes of responses sent to clients."),
     ("lb_worker_restarts_total", "counter", P_RESTARTS, "Workers started again after one died."),
 )
+
+
+def http_date_of(when: float | None) -> str | None:
+    return None if when is None else email.utils.formatdate(when, usegmt=True)
 
 
 def responses_by_class(record: list) -> dict:
@@ -6023,8 +6159,9 @@ def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
                       "    # nginx's http proxy cannot send one (proxy_protocol on is the stream module's)."]
     if any(not _export_is_ip(spec.host) and not spec.unix_path for spec in specs):
         lines += ["    # load_balancer: nginx looks a host name up once, at start (and will not start if",
-                  "    # it does not resolve), each address becoming a server of that weight; load_balancer",
-                  "    # looks it up for each new connection and uses the first address that answers."]
+                  "    # it does not resolve), each address becoming a server of that weight, as in",
+                  f"    # load_balancer, which looks it up again every --resolve-interval "
+                  f"({format_default(config.resolve_interval)}s; nginx Plus: resolve)."]
     if config.pool_size:
         lines += [
             f"    # --pool-size {config.pool_size} idle connections per upstream and worker; nginx's "
@@ -6636,8 +6773,10 @@ def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str
                 words.append(f"check-sni {spec.host}")
         lines.append(" ".join(words) + (f"  # {spec.name}" if name != spec.name else ""))
     if any(not _export_is_ip(spec.host) and not spec.unix_path for spec in specs):
-        lines += ["    # load_balancer: a host name is looked up once, when HAProxy starts (a resolvers",
-                  "    # section would follow changes); load_balancer looks it up for each new connection."]
+        lines += ["    # load_balancer: a host name is looked up once, when HAProxy starts, its first address",
+                  "    # used (a resolvers section and server-template would follow changes); load_balancer",
+                  "    # makes each address an upstream and looks the name up again every --resolve-interval",
+                  f"    # ({format_default(config.resolve_interval)}s)."]
     return lines
 
 
