@@ -139,24 +139,19 @@ def test_generated_id_goes_upstream_and_back(upstreams, balancer):
     assert len(set(ids)) == 3
 
 
-@pytest.mark.parametrize("given, kept", [
-    pytest.param("trace-42", True, id="valid"),
-    pytest.param("x" * 200, True, id="200-chars"),
-    pytest.param("x" * 201, False, id="too-long"),
-    pytest.param("a\tb", False, id="tab-inside"),
-    pytest.param("a b", False, id="space-inside"),
-])
-def test_client_id_kept_or_replaced(upstreams, balancer, given, kept):
+def test_client_id_kept_or_replaced(upstreams, balancer):
     up, = upstreams(1)
     b = balancer([up.url])
-    r = get(b.port, "/", headers={"X-Request-ID": given})
-    assert r.status == 200
-    upstream_saw = [v for n, v in up.requests[0].fields if n.lower() == "x-request-id"]
-    assert len(upstream_saw) == 1, up.requests[0]
-    if kept:
-        assert upstream_saw == [given] and r.header("X-Request-ID") == given
-    else:
-        assert HEX32.fullmatch(upstream_saw[0]) and r.header("X-Request-ID") == upstream_saw[0]
+    cases = [("trace-42", True), ("x" * 200, True), ("x" * 201, False), ("a\tb", False), ("a b", False)]
+    for number, (given, kept) in enumerate(cases):
+        r = get(b.port, "/", headers={"X-Request-ID": given})
+        assert r.status == 200
+        upstream_saw = [v for n, v in up.requests[number].fields if n.lower() == "x-request-id"]
+        assert len(upstream_saw) == 1, (given, up.requests[number])
+        if kept:
+            assert upstream_saw == [given] and r.header("X-Request-ID") == given
+        else:
+            assert HEX32.fullmatch(upstream_saw[0]) and r.header("X-Request-ID") == upstream_saw[0], given
 
 
 def test_trace_context_passes_untouched(upstreams, balancer):
