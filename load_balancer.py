@@ -616,7 +616,7 @@ HEXDIG = b"0123456789abcdefABCDEF"
 # as HAProxy and nginx, which refuse them too).
 HEAD_BYTES = b"\t\r\n" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 VISIBLE_ASCII = bytes(range(0x21, 0x7F))
-MAX_REQUEST_ID = 200  # bytes of a client's request ID that is kept (Heroku's limit, and Envoy keeps any)
+MAX_REQUEST_ID = 200  # characters of a client's request ID that is kept (Heroku's router keeps 20-200)
 # A request target is visible ASCII only; a fragment ("#") is never sent (RFC 9112 section 3.2).
 TARGET_BYTES = bytes(b for b in range(0x21, 0x7F) if b != ord("#"))
 CHUNK_EXT_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
