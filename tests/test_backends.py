@@ -39,7 +39,7 @@ class Balancer:
     def publish(self, texts) -> None:
         for slot in range(1, len(texts) + 1):
             self.shared.reset(slot, "no active checks")
-        self.shared.publish([(slot, text) for slot, text in enumerate(texts, 1)])
+        self.shared.publish([(slot, text, None) for slot, text in enumerate(texts, 1)])
 
     @property
     def backends(self) -> list:
@@ -312,8 +312,8 @@ def test_backup_after_every_primary_was_tried():
 def test_reload_adds_removes_and_reweights_keeping_pools():
     b = Balancer(URLS[:3])
     a, bb, c = b.backends
-    b.shared.publish([(1, "http://a.invalid:8001,weight=2"), (3, "http://c.invalid:8003"),
-                      (4, "http://d.invalid:8004")])
+    b.shared.publish([(1, "http://a.invalid:8001,weight=2", None), (3, "http://c.invalid:8003", None),
+                      (4, "http://d.invalid:8004", None)])
     got = picks(b.rr, 8)
     assert names(got) == "a c d a a c d a"  # weights 2, 1, 1
     assert got[0] is a and got[1] is c  # the same objects: their pooled connections stay

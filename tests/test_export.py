@@ -250,6 +250,23 @@ def config_cases(tmp: Path) -> dict:
         "access log short and common": lb.Config(backends=(UP1,), access_log=True),
         "access log common": lb.Config(backends=(UP1,), access_log=True, access_log_format="common",
                                        log_level="error"),
+        "request ID renamed, json log": lb.Config(backends=(UP1,), access_log=True,
+                                                  access_log_format="json", request_id_header="X-Trace-9"),
+        "request IDs off, combined log": lb.Config(backends=(UP1,), access_log=True,
+                                                   access_log_format="combined", request_id_header=""),
+        "PROXY protocol in, trusted proxies": lb.Config(
+            backends=(UP1,), proxy_protocol_from="10.0.0.0/8,2001:db8::/32", trusted_proxies="192.0.2.0/24"),
+        "PROXY protocol in, TLS listener": lb.Config(
+            backends=(UP1,), proxy_protocol_from="10.0.0.0/8", tls_cert=str(cert), tls_key=str(cert) + ".key"),
+        "unix sockets, health path": lb.Config(
+            backends=("unix:/run/app.sock,weight=2", "unix:/run/other-app.sock,name=other",
+                      UP1 + ",backup"), health_path="/health"),
+        "send-proxy, send-proxy-v2, https": lb.Config(
+            backends=(UP1 + ",send-proxy", "https://localhost:18443,send-proxy-v2", "unix:/run/a.sock,send-proxy"),
+            health_path="/health"),
+        "trusted proxies, TLS listener": lb.Config(
+            backends=(UP1, UP2), trusted_proxies="10.0.0.0/8, 192.0.2.7,2001:db8::/32", access_log=True,
+            tls_cert=str(cert), tls_key=str(cert) + ".key"),
     }
 
 
@@ -342,10 +359,11 @@ def test_peer_balances_weighted_round_robin_with_a_backup(target, tmp_path):
             counts = collections.Counter(int(body) for _, body in answers)
             assert counts == {a.port: 30, b.port: 10, c.port: 10}
 
-            # What load_balancer sends upstream: Host as given, X-Forwarded-* added.
+            # What load_balancer sends upstream: Host as given, X-Forwarded-* set (a client's own
+            # X-Forwarded-For replaced: the client is no --trusted-proxies peer).
             _, headers = a.proxied()[-1]
             assert headers["Host"] == "test.local"
-            assert headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+            assert headers["X-Forwarded-For"] == "127.0.0.1"
             assert headers["X-Forwarded-Host"] == "test.local"
             assert headers["X-Forwarded-Proto"] == "http"
 

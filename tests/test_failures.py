@@ -1056,7 +1056,8 @@ def test_backend_url_with_credentials_is_refused_in_one_line(cli):
 
 def test_request_header_fields_keep_their_order_end_to_end(raw_upstream, balancer):
     # Rule: fields reach the upstream in the client's order; the balancer's rewrites (framing,
-    # X-Forwarded-For) stay where the client put them; Host is first, X-Forwarded-Host/-Proto last.
+    # X-Forwarded-For) stay where the client put them; Host is first, X-Forwarded-Host/-Proto and
+    # the request ID last.
     heads = []
 
     def serve(conn, up):
@@ -1077,5 +1078,5 @@ def test_request_header_fields_keep_their_order_end_to_end(raw_upstream, balance
     assert request_line == "POST /order HTTP/1.1"
     assert [name for name, _ in fields] == [
         "Host", "X-First", "Content-Length", "X-Middle", "X-Forwarded-For", "Accept", "X-Last",
-        "X-Forwarded-Host", "X-Forwarded-Proto"], fields
-    assert header(fields, "X-Forwarded-For") == "203.0.113.9, 127.0.0.1"
+        "X-Forwarded-Host", "X-Forwarded-Proto", "X-Request-ID"], fields
+    assert header(fields, "X-Forwarded-For") == "127.0.0.1"  # the client's own is replaced (issue 20)

@@ -824,24 +824,36 @@ def test_access_log_json(upstreams, balancer, caplog):
     assert line["bytes_sent"] == len(answer), (line, len(answer))
     assert line["bytes_received"] == len(request)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["time"]), line["time"]
+    assert re.fullmatch(r"[0-9a-f]{32}", line["request_id"]), line
+    assert up.requests[0].header("X-Request-ID") == line["request_id"]
+    assert f"\r\nX-Request-ID: {line['request_id']}\r\n".encode() in answer, answer
 
     with RawClient(b.port) as client:
         assert client.request(b"GET /a b HTTP/1.1\r\nHost: t\r\n\r\n").status == 400
     assert wait_until(lambda: len(access_records(caplog)) == 2, timeout=5)
     refused = json.loads(access_records(caplog)[1].getMessage())
     assert (refused["status"], refused["upstream"], refused["upstream_address"],
-            refused["upstream_status"]) == (400, None, None, None), refused
+            refused["upstream_status"], refused["request_id"]) == (400, None, None, None, None), refused
 
 
+@pytest.mark.parametrize("request_ids", [True, False], ids=["with-request-id", "request-ids-off"])
 @pytest.mark.parametrize("style", ["common", "combined"])
-def test_access_log_common_and_combined_match_apache(upstreams, balancer, caplog, style):
+def test_access_log_common_and_combined_match_apache(upstreams, balancer, caplog, style, request_ids):
+    # Rule: Apache's format, then the request ID (the one the response carries); with request IDs
+    # off (--request-id-header ''), exactly Apache's format.
     caplog.set_level(logging.INFO, logger="load_balancer.access")
     up, = upstreams(1)
-    b = balancer([up.url], access_log=True, access_log_format=style)
+    b = balancer([up.url], access_log=True, access_log_format=style,
+                 request_id_header="X-Request-ID" if request_ids else "")
     r, line = logged_line(b, caplog, f"/{style}-line", headers={"User-Agent": "probe/2",
                                                                 "Referer": "http://ref.example/"})
-    match = (APACHE_COMBINED if style == "combined" else APACHE_COMMON).fullmatch(line)
+    pattern = (APACHE_COMBINED if style == "combined" else APACHE_COMMON).pattern
+    match = re.fullmatch(pattern + (r" (?P<request_id>[0-9a-f]{32})" if request_ids else ""), line)
     assert match, line
+    if request_ids:
+        assert match["request_id"] == r.header("X-Request-ID"), (line, r)
+    else:
+        assert r.header("X-Request-ID") is None, r
     assert match["host"] == "127.0.0.1" and match["request"] == f"GET /{style}-line HTTP/1.1"
     assert match["status"] == "200"
     # %b in Apache's common format and nginx's $body_bytes_sent: the body, without the head.
@@ -855,6 +867,15 @@ def test_access_log_short_is_the_old_line(upstreams, balancer, caplog):
     up, = upstreams(1)
     b = balancer([up.url], access_log=True)
     assert b.config.access_log_format == "short"
+    r, line = logged_line(b, caplog, "/short-line")
+    assert re.fullmatch(rf'127\.0\.0\.1 "GET /short-line HTTP/1\.1" 200 {re.escape(up.url)} \d+\.\dms '
+                        + re.escape(r.header("X-Request-ID")), line), line
+
+
+def test_access_log_short_without_request_ids_is_the_old_line(upstreams, balancer, caplog):
+    caplog.set_level(logging.INFO, logger="load_balancer.access")
+    up, = upstreams(1)
+    b = balancer([up.url], access_log=True, request_id_header="")
     _, line = logged_line(b, caplog, "/short-line")
     assert re.fullmatch(rf'127\.0\.0\.1 "GET /short-line HTTP/1\.1" 200 {re.escape(up.url)} \d+\.\dms', line), line
 

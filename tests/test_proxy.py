@@ -990,9 +990,12 @@ def test_response_hop_by_hop_headers_not_forwarded(upstreams, balancer):
     (["1.2.3.4"], "1.2.3.4, 127.0.0.1"),
     (["1.2.3.4", "5.6.7.8, 9.9.9.9"], "1.2.3.4, 5.6.7.8, 9.9.9.9, 127.0.0.1"),
 ])
-def test_forwarded_headers_added(upstreams, balancer, client_xff, expected):
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-proxy", "untrusted-client"])
+def test_forwarded_headers_added(upstreams, balancer, client_xff, expected, trusted):
+    # Issue 20: a --trusted-proxies peer's list is extended; anyone else's replaced.
     up, = upstreams(1)
-    b = balancer([up.url])
+    b = balancer([up.url], trusted_proxies="127.0.0.1" if trusted else None)
+    expected = expected if trusted else "127.0.0.1"
     headers = [("X-Forwarded-For", v) for v in client_xff or []]
     with Client(b.port) as c:
         assert c.roundtrip(request("GET", "/xff", headers, host="app.example:8443")).status == 200
