@@ -11,8 +11,11 @@ from __future__ import annotations
 import compileall
 import glob
 import os
+import re
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -471,6 +474,28 @@ def require_program(*names: str) -> str:
 # Fixtures
 # ---------------------------------------------------------------------------------------------------
 
+HEALTH = "/health"
+
+
+class HealthSwitch:
+    """Upstream handler: HEALTH answers 200 ("ok") while `healthy`, else `failing_code` ("sick");
+    every other path gets default_handler."""
+
+    def __init__(self, healthy: bool = True, failing_code: int = 500):
+        self.healthy = healthy
+        self.failing_code = failing_code
+
+    def __call__(self, h, req):
+        if not req.target.startswith(HEALTH):
+            return default_handler(h, req)
+        body = b"ok\n" if self.healthy else b"sick\n"
+        h.send_response(200 if self.healthy else self.failing_code)
+        h.send_header("Content-Type", "text/plain")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+
 @pytest.fixture
 def upstreams():
     """Factory: upstreams(n, handler=default_handler) -> list[Upstream], stopped after the test."""
@@ -646,6 +671,201 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
             return True
         time.sleep(interval)
     return predicate()
+
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (tests/browser.py) shared by one module's tests; skips where it is missing."""
+    from browser import Chromium
+    require_program("chromium")
+    chromium = Chromium(width=1280, height=900)
+    try:
+        chromium.call("Network.enable")
+        yield chromium
+    finally:
+        chromium.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Peers: nginx and HAProxy run in the foreground on a file of a test's, and the upstreams they use
+# ---------------------------------------------------------------------------------------------------
+
+PEERS = ("nginx", "haproxy")
+PEER_TIMEOUT = 5.0
+# The start of an nginx.conf that runs unprivileged in the directory it is given (-p): every path
+# relative, logs to stderr. A test adds its server blocks and closes the http block.
+NGINX_PREAMBLE = """pid nginx.pid;
+lock_file nginx.lock;
+error_log stderr warn;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path client_body_temp;
+    proxy_temp_path proxy_temp;
+    fastcgi_temp_path fastcgi_temp;
+    uwsgi_temp_path uwsgi_temp;
+    scgi_temp_path scgi_temp;
+"""
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT).close()
+        return True
+    except OSError:
+        return False
+
+
+def exchange(port: int, path: str = "/", headers: dict | None = None, *,
+             tls: ssl.SSLContext | None = None) -> tuple[int, bytes, bytes]:
+    """get(), with the response head: (status, head, body)."""
+    lines = [f"GET {path} HTTP/1.1", "Host: test.local", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as raw:
+            sock = tls.wrap_socket(raw, server_hostname="localhost") if tls else raw
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return 0, b"", b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+    return (int(match.group(1)) if match else 0), head, body
+
+
+class PortHandler(BaseHTTPRequestHandler):
+    """Answers 200 with its server's port as the body; records path and head of each request."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two sends: no delayed-ACK stall between them
+    timeout = PEER_TIMEOUT
+
+    def do_GET(self):
+        self.server.record(self.path, self.headers)
+        body = str(self.server.port).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class PortServer(ThreadingHTTPServer):
+    """A real HTTP/1.1 upstream on an ephemeral 127.0.0.1 port, served from a thread. stop() also
+    closes the keep-alive connections the peer holds, so that a stopped upstream is really gone."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, tls: ssl.SSLContext | None = None):
+        super().__init__(("127.0.0.1", 0), PortHandler)
+        if tls:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        self.port = self.server_address[1]
+        self.lock = threading.Lock()
+        self.seen: list = []
+        self.connections: set = set()
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def handle_error(self, request, client_address):
+        """A peer closing a connection the handler reads or writes (HAProxy ends its health checks
+        with a reset) is no error here; anything else is printed as socketserver prints it."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        sock.settimeout(PEER_TIMEOUT)
+        with self.lock:
+            self.connections.add(sock)
+        return sock, address
+
+    def record(self, path, headers) -> None:
+        with self.lock:
+            self.seen.append((path, headers))
+
+    def proxied(self) -> list:
+        """(path, headers) of the requests other than health checks."""
+        with self.lock:
+            return [(path, headers) for path, headers in self.seen if path != "/health"]
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        with self.lock:
+            connections = list(self.connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def start_peer(target: str, text: str, directory: Path) -> subprocess.Popen:
+    """nginx or HAProxy in the foreground on the exported file, as its comment says to run it."""
+    binary = require_program(target)
+    directory.mkdir(exist_ok=True)
+    name = "nginx.conf" if target == "nginx" else "haproxy.cfg"
+    (directory / name).write_text(text)
+    if target == "nginx":
+        command = [binary, "-p", str(directory), "-c", str(directory / name), "-g", "daemon off;"]
+    else:
+        command = [binary, "-db", "-f", str(directory / name)]
+    with open(directory / "peer.log", "wb") as log:
+        return subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+def stop_peer(process: subprocess.Popen) -> None:
+    """SIGTERM (both stop at once on it), then SIGKILL by PID for whatever is left, workers too."""
+    children = proc_children(process.pid)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def check_file(target: str, text: str, directory: Path) -> subprocess.CompletedProcess:
+    """``nginx -t -p DIR -c FILE`` or ``haproxy -c -f FILE`` on the exported text."""
+    binary = require_program(target)
+    directory.mkdir(exist_ok=True)
+    if target == "nginx":
+        path = directory / "nginx.conf"
+        path.write_text(text)
+        command = [binary, "-t", "-p", str(directory), "-c", str(path)]
+    else:
+        path = directory / "haproxy.cfg"
+        path.write_text(text)
+        command = [binary, "-c", "-f", str(path)]
+    return subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=10,
+                          stdin=subprocess.DEVNULL)
+
+
+def make_certificate(directory: Path, cert: str = "cert.pem", key: str = "key.pem") -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, made with the openssl command."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("the openssl command is not installed")
+    cert_path, key_path = directory / cert, directory / key
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key_path), "-out", str(cert_path)],
+                   check=True, capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+    return cert_path, key_path
+
 
 
 

@@ -20,8 +20,8 @@ import signal
 import pytest
 
 import load_balancer as lb
-from conftest import (SlowUpstreamHandler, all_workers_listening, free_port, get, must_get,
-                      wait_until, worker_pids)
+from conftest import (SlowUpstreamHandler, all_workers_listening, free_port, get, must_get, wait_until,
+                      worker_pids)
 
 # Apache's and nginx's combined format: what GoAccess's COMBINED log format reads.
 # Apache's combined format, then the request ID (a field parsers of that format leave alone at the

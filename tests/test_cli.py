@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import (ROOT, SLACK, SOCKET_TIMEOUT, RawClient, SlowUpstreamHandler, default_handler,
-                      free_port, get, port_of, refuses, wait_until)
+from conftest import (ROOT, SLACK, SOCKET_TIMEOUT, RawClient, SlowUpstreamHandler, default_handler, free_port,
+                      get, port_of, refuses, wait_until)
 
 LB = str(ROOT / "load_balancer.py")
 ERROR_PREFIX = "load_balancer.py: error:"  # the name it was run as

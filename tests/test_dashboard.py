@@ -29,39 +29,10 @@ import time
 from html.parser import HTMLParser
 from urllib.parse import urlsplit
 
-import pytest
 
-from browser import Chromium
-from conftest import default_handler, free_port, get, require_program, wait_until
+from conftest import HEALTH, HealthSwitch, free_port, get, wait_until
 
-HEALTH = "/health"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class HealthSwitch:
-    """Upstream handler: /health answers 200 while `healthy`, else 503; the rest default_handler."""
-
-    def __init__(self):
-        self.healthy = True
-
-    def __call__(self, h, req):
-        if req.target == HEALTH:
-            h.send_response(200 if self.healthy else 503)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        default_handler(h, req)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    require_program("chromium")
-    chromium = Chromium(width=1280, height=900)
-    try:
-        chromium.call("Network.enable")
-        yield chromium
-    finally:
-        chromium.close()
 
 
 def status(admin_port: int) -> dict:
@@ -71,7 +42,7 @@ def status(admin_port: int) -> dict:
 
 
 def start(upstreams, balancer, n: int = 3):
-    switches = [HealthSwitch() for _ in range(n)]
+    switches = [HealthSwitch(failing_code=503) for _ in range(n)]
     ups = [upstreams(1, s)[0] for s in switches]
     b = balancer([u.url for u in ups], admin_port=free_port(), health_path=HEALTH,
                  health_interval=0.2, fall=1)

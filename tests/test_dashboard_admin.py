@@ -20,23 +20,10 @@ import json
 import re
 from html.parser import HTMLParser
 
-import pytest
 
-from browser import Chromium
-from conftest import free_port, get, lb, require_program, wait_until
+from conftest import free_port, get, lb, wait_until
 
 TOKEN = "s3cret token"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    require_program("chromium")
-    chromium = Chromium(width=1280, height=900)
-    try:
-        chromium.call("Network.enable")
-        yield chromium
-    finally:
-        chromium.close()
 
 
 def status(admin_port: int, query: str = "") -> dict:

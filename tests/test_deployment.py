@@ -20,8 +20,7 @@ import shlex
 import stat
 import subprocess
 
-from conftest import ROOT, lb, require_program
-from test_export import make_certificate
+from conftest import (ROOT, lb, make_certificate, require_program)
 
 UNIT = ROOT / "examples" / "load-balancer.service"
 HOOK = ROOT / "examples" / "certbot-deploy-haproxy.sh"

@@ -12,39 +12,25 @@ against a deadline, never slept for.
 from __future__ import annotations
 
 import collections
-import os
 import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_ports, lb, proc_children, require_program, wait_until
+from conftest import (PEERS, ROOT, PortServer, accepts, check_file, exchange, free_ports, lb,
+                      make_certificate, require_program, start_peer, stop_peer, wait_until)
 
 export_config = lb.export_config
 
-SOCKET_TIMEOUT = 5.0
-PEERS = ("nginx", "haproxy")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT).close()
-        return True
-    except OSError:
-        return False
-
 
 def get(port: int, path: str = "/", headers: dict | None = None, *,
         tls: ssl.SSLContext | None = None) -> tuple[int, bytes]:
@@ -53,155 +39,6 @@ def get(port: int, path: str = "/", headers: dict | None = None, *,
     status, _, body = exchange(port, path, headers, tls=tls)
     return status, body
 
-
-def exchange(port: int, path: str = "/", headers: dict | None = None, *,
-             tls: ssl.SSLContext | None = None) -> tuple[int, bytes, bytes]:
-    """get(), with the response head: (status, head, body)."""
-    lines = [f"GET {path} HTTP/1.1", "Host: test.local", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as raw:
-            sock = tls.wrap_socket(raw, server_hostname="localhost") if tls else raw
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError:
-        return 0, b"", b""
-    head, _, body = data.partition(b"\r\n\r\n")
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-    return (int(match.group(1)) if match else 0), head, body
-
-
-class PortHandler(BaseHTTPRequestHandler):
-    """Answers 200 with its server's port as the body; records path and head of each request."""
-
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # head and body are two sends: no delayed-ACK stall between them
-    timeout = SOCKET_TIMEOUT
-
-    def do_GET(self):
-        self.server.record(self.path, self.headers)
-        body = str(self.server.port).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-class PortServer(ThreadingHTTPServer):
-    """A real HTTP/1.1 upstream on an ephemeral 127.0.0.1 port, served from a thread. stop() also
-    closes the keep-alive connections the peer holds, so that a stopped upstream is really gone."""
-
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(self, tls: ssl.SSLContext | None = None):
-        super().__init__(("127.0.0.1", 0), PortHandler)
-        if tls:
-            self.socket = tls.wrap_socket(self.socket, server_side=True)
-        self.port = self.server_address[1]
-        self.lock = threading.Lock()
-        self.seen: list = []
-        self.connections: set = set()
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def handle_error(self, request, client_address):
-        """A peer closing a connection the handler reads or writes (HAProxy ends its health checks
-        with a reset) is no error here; anything else is printed as socketserver prints it."""
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            super().handle_error(request, client_address)
-
-    def get_request(self):
-        sock, address = super().get_request()
-        sock.settimeout(SOCKET_TIMEOUT)
-        with self.lock:
-            self.connections.add(sock)
-        return sock, address
-
-    def record(self, path, headers) -> None:
-        with self.lock:
-            self.seen.append((path, headers))
-
-    def proxied(self) -> list:
-        """(path, headers) of the requests other than health checks."""
-        with self.lock:
-            return [(path, headers) for path, headers in self.seen if path != "/health"]
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        with self.lock:
-            connections = list(self.connections)
-        for sock in connections:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-def start_peer(target: str, text: str, directory: Path) -> subprocess.Popen:
-    """nginx or HAProxy in the foreground on the exported file, as its comment says to run it."""
-    binary = require_program(target)
-    directory.mkdir(exist_ok=True)
-    name = "nginx.conf" if target == "nginx" else "haproxy.cfg"
-    (directory / name).write_text(text)
-    if target == "nginx":
-        command = [binary, "-p", str(directory), "-c", str(directory / name), "-g", "daemon off;"]
-    else:
-        command = [binary, "-db", "-f", str(directory / name)]
-    with open(directory / "peer.log", "wb") as log:
-        return subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-
-
-def stop_peer(process: subprocess.Popen) -> None:
-    """SIGTERM (both stop at once on it), then SIGKILL by PID for whatever is left, workers too."""
-    children = proc_children(process.pid)
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def check_file(target: str, text: str, directory: Path) -> subprocess.CompletedProcess:
-    """``nginx -t -p DIR -c FILE`` or ``haproxy -c -f FILE`` on the exported text."""
-    binary = require_program(target)
-    directory.mkdir(exist_ok=True)
-    if target == "nginx":
-        path = directory / "nginx.conf"
-        path.write_text(text)
-        command = [binary, "-t", "-p", str(directory), "-c", str(path)]
-    else:
-        path = directory / "haproxy.cfg"
-        path.write_text(text)
-        command = [binary, "-c", "-f", str(path)]
-    return subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=10,
-                          stdin=subprocess.DEVNULL)
-
-
-def make_certificate(directory: Path, cert: str = "cert.pem", key: str = "key.pem") -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, made with the openssl command."""
-    openssl = shutil.which("openssl")
-    if not openssl:
-        pytest.skip("the openssl command is not installed")
-    cert_path, key_path = directory / cert, directory / key
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key_path), "-out", str(cert_path)],
-                   check=True, capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
-    return cert_path, key_path
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import SOCKET_TIMEOUT, free_ports, lb, require_program, wait_until
-from test_export import accepts, start_peer, stop_peer
+from conftest import (SOCKET_TIMEOUT, accepts, free_ports, lb, require_program, start_peer, stop_peer,
+                      wait_until)
 
 EVENTS = 5
 MOST_DELAY = 0.05  # seconds; HAProxy's MSG_MORE wait is 200 ms

@@ -50,8 +50,8 @@ import pytest
 import requests
 
 import load_balancer as lb
-from conftest import (SLACK, SOCKET_TIMEOUT, RawClient, default_handler, free_port, free_ports, get,
-                      header, parse_head, port_of, read_head, refused_url, refuses, wait_until)
+from conftest import (SLACK, SOCKET_TIMEOUT, RawClient, default_handler, free_port, free_ports, get, header,
+                      parse_head, port_of, read_head, refused_url, refuses, wait_until)
 
 VENV_BIN = Path(sys.executable).parent
 TEN_MB = 10 * 1024 * 1024

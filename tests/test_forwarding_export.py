@@ -14,8 +14,10 @@ import socket
 
 import pytest
 
-from conftest import free_ports, lb, require_program, wait_until
-from test_export import PEERS, PortServer, accepts, exchange, export_config, start_peer, stop_peer
+from conftest import (PEERS, accepts, exchange, free_ports, lb, PortServer, require_program, start_peer,
+                      stop_peer, wait_until)
+
+export_config = lb.export_config
 
 HEX32 = re.compile(rb"[0-9a-f]{32}")
 

@@ -19,10 +19,9 @@ import time
 
 import pytest
 
-from conftest import (SOCKET_TIMEOUT, RawClient, SlowUpstreamHandler, default_handler, free_port,
-                      get, port_of, refused_url, wait_until)
+from conftest import (HEALTH, SOCKET_TIMEOUT, HealthSwitch, RawClient, SlowUpstreamHandler, default_handler,
+                      free_port, get, port_of, refused_url, wait_until)
 
-HEALTH = "/health"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,24 +90,6 @@ def serve_close_after_request(conn, up) -> None:
 def serve_garbage(conn, up) -> None:
     if up.read_request(conn):
         conn.sendall(b"this is not HTTP\r\n\r\n")
-
-
-class HealthSwitch:
-    """Upstream handler: /health answers 200 or `failing_code` depending on `healthy`; every other
-    path gets conftest's default handler."""
-
-    def __init__(self, healthy: bool = True, failing_code: int = 500):
-        self.healthy = healthy
-        self.failing_code = failing_code
-
-    def __call__(self, h, req):
-        if req.target.startswith(HEALTH):
-            if self.healthy:
-                send_simple(h, 200, b"ok\n")
-            else:
-                send_simple(h, self.failing_code, b"sick\n")
-        else:
-            default_handler(h, req)
 
 
 class GatedHealth:

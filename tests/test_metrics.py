@@ -48,8 +48,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import load_balancer as lb
-from conftest import (RawClient, SlowUpstreamHandler, alive, default_handler, free_port, get,
-                      proc_children, proc_cmdline, refused_url, wait_until, worker_pids)
+from conftest import (RawClient, SlowUpstreamHandler, alive, default_handler, free_port, get, proc_children,
+                      proc_cmdline, refused_url, wait_until, worker_pids)
 
 N = 60
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

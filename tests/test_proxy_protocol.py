@@ -23,8 +23,8 @@ import time
 import pytest
 
 import load_balancer as lb
-from conftest import RawClient, free_ports, read_head, require_program, wait_until
-from test_export import accepts, make_certificate, start_peer, stop_peer
+from conftest import (NGINX_PREAMBLE, accepts, free_ports, make_certificate, RawClient, read_head, require_program,
+                      start_peer, stop_peer, wait_until)
 
 SIG = lb.PROXY_V2_SIGNATURE
 V1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n"
@@ -442,19 +442,7 @@ frontend upstream
     bind 127.0.0.1:{port} accept-proxy
     http-request return status 200 content-type text/plain lf-string "%[src] %[src_port]"
 """,
-    "nginx": """
-pid nginx.pid;
-lock_file nginx.lock;
-error_log stderr warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path client_body_temp;
-    proxy_temp_path proxy_temp;
-    fastcgi_temp_path fastcgi_temp;
-    uwsgi_temp_path uwsgi_temp;
-    scgi_temp_path scgi_temp;
-    server {{
+    "nginx": NGINX_PREAMBLE.replace("{", "{{").replace("}", "}}") + """    server {{
         listen 127.0.0.1:{port} proxy_protocol;
         location / {{
             return 200 "$proxy_protocol_addr $proxy_protocol_port";

@@ -15,35 +15,30 @@ import threading
 
 import pytest
 
-from conftest import SOCKET_TIMEOUT, default_handler, free_port, get, wait_until
+from conftest import HEALTH, SOCKET_TIMEOUT, HealthSwitch, free_port, get, wait_until
 
-HEALTH = "/health"
 ADMIN_REASONS = {"drain": "drain: no new requests (admin API)",
                  "maint": "maint: out of rotation (admin API)"}
 
 
-class Switchable:
-    """/health answers 200 while `healthy`, else 503; with `hold`, /hold waits for `release` and
-    then closes the connection without an answer (a failed request); the rest is default_handler."""
+class Switchable(HealthSwitch):
+    """HealthSwitch (503 when failing); with `hold`, /hold waits for `release` and then closes the
+    connection without an answer (a failed request)."""
 
     def __init__(self, hold: bool = False):
-        self.healthy, self.hold = True, hold
+        super().__init__(failing_code=503)
+        self.hold = hold
         self.held = threading.Event()
         self.release = threading.Event()
 
     def __call__(self, h, req):
-        if req.target == HEALTH:
-            h.send_response(200 if self.healthy else 503)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
         if req.target == "/hold" and self.hold:
             self.held.set()
             self.release.wait(SOCKET_TIMEOUT)
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True
             return
-        default_handler(h, req)
+        super().__call__(h, req)
 
 
 def entry(b, name: str) -> dict:

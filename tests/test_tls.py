@@ -64,8 +64,8 @@ import pytest
 
 import load_balancer as lb
 from conftest import (SLACK, SOCKET_TIMEOUT, RawClient, Upstream, UpstreamHandler, UpstreamServer,
-                      default_handler, free_port, get, parse_head, port_of, read_head,
-                      require_program, wait_until)
+                      default_handler, free_port, get, parse_head, port_of, read_head, require_program,
+                      wait_until)
 from conftest import request as plain_request
 
 TIMEOUT = 5.0

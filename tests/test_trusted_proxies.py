@@ -18,8 +18,7 @@ import logging
 import pytest
 
 import load_balancer as lb
-from conftest import RawClient, free_ports, get, require_program, wait_until
-from test_export import accepts, start_peer, stop_peer
+from conftest import (NGINX_PREAMBLE, accepts, free_ports, get, RawClient, require_program, start_peer, stop_peer, wait_until)
 
 N = ipaddress.ip_network
 
@@ -186,19 +185,7 @@ def test_nginx_in_front_as_the_trusted_proxy(upstreams, balancer, caplog, tmp_pa
     up, = upstreams(1)
     b = balancer([up.url], access_log=True, access_log_format="json", trusted_proxies="127.0.0.1")
     port, = free_ports(1)
-    conf = f"""
-pid nginx.pid;
-lock_file nginx.lock;
-error_log stderr warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path client_body_temp;
-    proxy_temp_path proxy_temp;
-    fastcgi_temp_path fastcgi_temp;
-    uwsgi_temp_path uwsgi_temp;
-    scgi_temp_path scgi_temp;
-    server {{
+    conf = NGINX_PREAMBLE + f"""    server {{
         listen 127.0.0.1:{port};
         location / {{
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;

@@ -25,8 +25,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 import load_balancer as lb
-from conftest import ChildProcess, RawClient, free_ports, get, require_program, wait_until
-from test_export import PEERS, accepts, export_config, start_peer, stop_peer
+from conftest import (PEERS, accepts, ChildProcess, free_ports, get, RawClient, require_program, start_peer,
+                      stop_peer, wait_until)
+
+export_config = lb.export_config
 from test_websocket import CLIENT
 
 VENV_BIN = Path(sys.executable).parent

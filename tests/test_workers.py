@@ -11,8 +11,8 @@ import os
 import signal
 
 from conftest import (RawClient, SlowUpstreamHandler, all_workers_listening, alive, free_port, get,
-                      listening_inodes, live_processes, must_get, port_of, proc_children,
-                      refuses, socket_inodes, wait_until, worker_pids)
+                      listening_inodes, live_processes, must_get, port_of, proc_children, refuses,
+                      socket_inodes, wait_until, worker_pids)
 
 
 # ---------------------------------------------------------------------------------------------------
