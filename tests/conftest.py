@@ -736,16 +736,18 @@ def exchange(port: int, path: str = "/", headers: dict | None = None, *,
     return (int(match.group(1)) if match else 0), head, body
 
 
-class PortHandler(BaseHTTPRequestHandler):
-    """Answers 200 with its server's port as the body; records path and head of each request."""
+class AnswerHandler(BaseHTTPRequestHandler):
+    """An upstream's handler that answers every GET 200 with the body answer() makes, quietly."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # head and body are two sends: no delayed-ACK stall between them
     timeout = PEER_TIMEOUT
 
+    def answer(self) -> bytes:
+        raise NotImplementedError
+
     def do_GET(self):
-        self.server.record(self.path, self.headers)
-        body = str(self.server.port).encode()
+        body = self.answer()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -753,6 +755,14 @@ class PortHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class PortHandler(AnswerHandler):
+    """Answers 200 with its server's port as the body; records path and head of each request."""
+
+    def answer(self) -> bytes:
+        self.server.record(self.path, self.headers)
+        return str(self.server.port).encode()
 
 
 class PortServer(ThreadingHTTPServer):

@@ -17,29 +17,19 @@ import json
 import logging
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 import load_balancer as lb
-from conftest import RawClient, free_port, get, must_get, wait_until
+from conftest import AnswerHandler, RawClient, free_port, get, must_get, wait_until
 
 INTERVAL = 0.2
 
 
-class AddressHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 10
-
-    def do_GET(self):
-        body = self.server.server_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+class AddressHandler(AnswerHandler):
+    def answer(self) -> bytes:
+        return self.server.server_address[0].encode()
 
 
 class AddressServer(ThreadingHTTPServer):

@@ -18,14 +18,13 @@ import socketserver
 import sys
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 
 import load_balancer as lb
-from conftest import (PEERS, accepts, ChildProcess, free_ports, get, RawClient, require_program, start_peer,
+from conftest import (PEERS, AnswerHandler, accepts, ChildProcess, free_ports, get, RawClient, require_program, start_peer,
                       stop_peer, wait_until)
 
 export_config = lb.export_config
@@ -42,21 +41,13 @@ def socket_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-class EchoHostHandler(BaseHTTPRequestHandler):
+class EchoHostHandler(AnswerHandler):
     """200 with the Host it got, and the connection's number on the server, as the body."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = 10
+    disable_nagle_algorithm = False  # a Unix socket has no Nagle (and no TCP_NODELAY to set)
 
-    def do_GET(self):
-        body = f"{self.headers.get('Host')} {self.server.connection_numbers[self.connection]}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+    def answer(self) -> bytes:
+        return f"{self.headers.get('Host')} {self.server.connection_numbers[self.connection]}".encode()
 
 
 class UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
