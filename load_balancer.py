@@ -6015,10 +6015,10 @@ def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
     keep-alive pool."""
     policy = {"roundrobin": "Smooth weighted round robin (nginx's default)",
               "leastconn": "Least connections", "hash": "Consistent hashing"}[config.balance]
-    lines = [
-        f"# {policy}, over the primaries; the backups take the",
-        "# requests only while every primary is down or has failed.",
-    ]
+    balancing, backups_allowed = _nginx_balancing(config, specs)
+    lines = [f"# {policy}, over the primaries; the backups take the",
+             "# requests only while every primary is down or has failed."] if backups_allowed else [
+             f"# {'Consistent hashing' if config.sticky_cookie else policy} (backups: see below)."]
     if all(spec.backup for spec in specs):
         lines += ["# Every upstream is a backup: load_balancer rotates over them as over primaries; nginx",
                   "# needs a primary, so here they are primaries."]
@@ -6047,7 +6047,6 @@ def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
             "health_check;",
             "# open source nginx has none: an upstream is found down by the requests that fail on it.",
         ]
-    balancing, backups_allowed = _nginx_balancing(config, specs)
     lines += ["upstream load_balancer {",
               "    # Shared memory: one rotation and one failure count for all worker processes.",
               f"    zone load_balancer {64 + 4 * len(specs)}k;", *balancing]
