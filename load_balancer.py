@@ -882,30 +882,55 @@ def headers_for_client(response: ResponseHead, *, chunked: bool, keep_alive: boo
     return b"\r\n".join(lines)
 
 
-def take_cookie(fields: list, name: bytes) -> tuple[list, list]:
-    """(the values of cookie `name` in a request's Cookie fields, the fields without it). A Cookie
-    field is "; "-separated name=value pairs (RFC 6265 section 5.4; a client may send several
-    fields, as an HTTP/2 gateway splits them); one left without a pair is dropped, the others
-    keep their pairs and order. When the cookie is not there the same list comes back."""
-    prefix = name + b"="
+FIELD_NAME = operator.itemgetter(0)
+
+
+def take_cookie(fields: list, prefix: bytes) -> tuple[list, list]:
+    """(the values of the cookie `prefix` names (``b"lb="``) in a request's Cookie fields, the
+    fields without it). A Cookie field is "; "-separated name=value pairs (RFC 6265 section 5.4;
+    a client may send several fields, as an HTTP/2 gateway splits them); one left without a pair
+    is dropped, the others keep their pairs and order. A name that only ends in the cookie's
+    ("xlb=") or a value holding it ("a=lb=") is someone else's. When the cookie is not there the
+    same list comes back. This runs for every request of a sticky balancer: the fields are
+    searched in C, and the usual request (one Cookie field, the cookie alone in it) takes no loop."""
+    names = list(map(FIELD_NAME, fields))
+    count = names.count(b"cookie")
+    if not count:
+        return [], fields
+    if count == 1:
+        index = names.index(b"cookie")
+        value = fields[index][1].partition(b":")[2].strip(b" \t")
+        if value.startswith(prefix) and b";" not in value:
+            kept = fields.copy()
+            del kept[index]
+            return [value[len(prefix):]], kept
+        if prefix not in value:
+            return [], fields
+        indexes = [index]
+    else:
+        indexes = [index for index, name in enumerate(names) if name == b"cookie"]
     values: list = []
-    kept = None
-    for index, (lname, line) in enumerate(fields):
-        if lname != b"cookie" or prefix not in line:
+    kept = list(fields)
+    for index in reversed(indexes):  # from the last: a removal leaves the earlier indexes as they are
+        field_name, _, value = fields[index][1].partition(b":")
+        value = value.strip(b" \t")
+        if value.startswith(prefix) and b";" not in value:  # the cookie alone in this field
+            values.insert(0, value[len(prefix):])
+            del kept[index]
             continue
-        field_name, _, value = line.partition(b":")
-        pairs = [pair.strip(b" \t") for pair in value.split(b";")]
-        found = [pair[len(prefix):] for pair in pairs if pair.startswith(prefix)]
-        if not found:
-            continue  # "xlb=..." or a value holding "lb=": not this cookie
-        values += found
-        if kept is None:
-            kept = list(fields)
-        others = [pair for pair in pairs if pair and not pair.startswith(prefix)]
-        kept[index] = (lname, field_name + b": " + b"; ".join(others)) if others else None
-    if kept is None:
-        return values, fields
-    return values, [field for field in kept if field is not None]
+        found, others = [], []
+        for pair in value.split(b";"):
+            pair = pair.strip(b" \t")
+            if pair.startswith(prefix):
+                found.append(pair[len(prefix):])
+            elif pair:
+                others.append(pair)
+        values[:0] = found
+        if not others:
+            del kept[index]
+        elif found:
+            kept[index] = (b"cookie", field_name + b": " + b"; ".join(others))
+    return (values, kept) if values else (values, fields)
 
 
 def field_value(fields: list, name: bytes) -> bytes | None:
@@ -1585,6 +1610,8 @@ class SharedState:
 
     def __init__(self, memory: mmap.mmap, workers: int, lock: SharedLock, files=()):
         self.memory, self.worker_count, self.lock, self.files = memory, workers, lock, files
+        # acquire()'s: the process's own lock alone where no other process shares the block.
+        self.pick_lock = lock if lock.file is not None else lock.local
         view = memoryview(memory)
         offset = 0
 
@@ -1695,13 +1722,13 @@ class SharedState:
     # per-upstream caps: a cap is a `choose` that returns None when the count is at the cap).
 
     def acquire(self, worker: int, choose):
-        """Count one more request in flight at what `choose(self.in_flight)` returns (anything
-        with a `slot`; None: nothing, counted nowhere), as one step for every worker: with the
+        """Count one more request in flight at what `choose(self.loads)` returns (anything with
+        a `slot`; None: nothing, counted nowhere), as one step for every worker: with the
         lock held across processes, no other worker chooses from counts this one is changing,
         so that 24 requests from 8 threads in 2 workers over 3 idle upstreams land exactly 8 on
         each. Returns what `choose` returned."""
-        with self.lock:
-            chosen = choose(self.in_flight)
+        with self.pick_lock:
+            chosen = choose(self.loads)
             if chosen is not None:
                 self.in_flight_rows[worker][chosen.slot] += 1
         return chosen
@@ -1718,6 +1745,15 @@ class SharedState:
         for row in self.in_flight_rows:
             total += row[slot]
         return total
+
+    def loads(self, slots) -> tuple:
+        """in_flight() of each of `slots` (an operator.itemgetter of two or more slots: a pick
+        reads every candidate's in one C call a row)."""
+        rows = self.in_flight_rows
+        counts = slots(rows[0])
+        for row in rows[1:]:
+            counts = tuple(map(operator.add, counts, slots(row)))
+        return counts
 
     # -- one upstream's state --------------------------------------------------------------------
 
@@ -2093,10 +2129,13 @@ class Rotation:
     `rings` (hash: the primaries' and the backups' rings, as (points, owners, members), only
     points whose owner may take a request), `cookies` (sticky: value -> upstream, for every
     upstream in the set) and `pinnable` (the upstreams a sticky cookie may still send to: the
-    members, and those draining whose health is fine). `factors`: upstream -> slow-start share."""
+    members, and those draining whose health is fine). `factors`: upstream -> slow-start share.
+    `groups`: (cycle, members, a getter of their slots, their weights or None where they are all
+    alike, each cycle entry's index in members) of the primaries, then of the backups, where
+    there are some (the getter also takes slot 0, so that one member still gives a tuple)."""
 
     __slots__ = ("generation", "primary", "backup", "primary_members", "backup_members",
-                 "review_at", "panic", "factors", "weights", "rings", "cookies", "pinnable")
+                 "review_at", "panic", "factors", "weights", "groups", "rings", "cookies", "pinnable")
 
     def __init__(self, generation: int, primary: tuple, backup: tuple, review_at: int, panic: bool,
                  factors: dict | None = None):
@@ -2106,6 +2145,11 @@ class Rotation:
         self.factors = factors or {}
         self.weights = {backend: backend.spec.weight * self.factors.get(backend, 1.0)
                         for backend in (*self.primary_members, *self.backup_members)}
+        self.groups = tuple(
+            (cycle, members, operator.itemgetter(*(b.slot for b in members), 0),
+             None if len({self.weights[b] for b in members}) == 1 else tuple(self.weights[b] for b in members),
+             tuple(members.index(b) for b in cycle))
+            for cycle, members in ((primary, self.primary_members), (backup, self.backup_members)) if members)
         self.rings = ()
         self.cookies: dict = {}
         self.pinnable: frozenset = frozenset()
@@ -2120,7 +2164,8 @@ class RoundRobin:
     start takes its next step, so a pick is O(1) and takes no lock.
 
     The other policies read the request (least connections, hash, a sticky cookie): for those,
-    route() makes a Route per request, whose pick() goes through choose() and pinned()."""
+    route() makes a Route per request: its pick() reads the sticky cookie, then the ring
+    (on_ring) or the counts in flight (least_loaded), or falls back on round robin."""
 
     def __init__(self, shared: SharedState, config: Config, stats: WorkerStats | None = None):
         self.shared, self.config, self.stats = shared, config, stats
@@ -2137,10 +2182,17 @@ class RoundRobin:
         self.worker = stats.index if stats is not None else 0
         self.counting = config.balance == "leastconn"   # requests in flight counted (SharedState.acquire)
         self.sticky_name = config.sticky_cookie.encode() if config.sticky_cookie else None
+        self.sticky_prefix = self.sticky_name + b"=" if self.sticky_name else None
+        # (kind, what to look for): a header's lowercase name, a cookie's "name=".
         kind, _, name = config.hash_key.partition(":")
-        self.hash_source = (kind, name.lower().encode() if kind == "header" else name.encode()) \
+        self.hash_source = (kind, name.lower().encode() if kind == "header" else name.encode() + b"=") \
             if config.balance == "hash" else None
         self.routes = config.balance != "roundrobin" or self.sticky_name is not None
+        # Sticky hits and re-picks: one atomic C call a request (no lock), written into the
+        # worker's block by publish_counts, after what the block held (a worker started again).
+        self.sticky_hits, self.sticky_repicks = itertools.count(), itertools.count()
+        self._counted_before = (stats.counters[P_STICKY_HITS], stats.counters[P_STICKY_REPICKS]) \
+            if stats is not None else (0, 0)
         self.refresh()
 
     def follow(self) -> None:
@@ -2181,9 +2233,9 @@ class RoundRobin:
     def route(self, request: Request, client_ip: bytes, secure: bool) -> Route:
         """A request's Route (who calls: ProxyHandler.proxy, when `routes`). The balancer's sticky
         cookie is taken out of the request here: it goes no further (HAProxy's "indirect")."""
-        route = Route(self, secure)
-        if self.sticky_name is not None:
-            route.values, request.fields = take_cookie(request.fields, self.sticky_name)
+        values = key = None
+        if self.sticky_prefix is not None:
+            values, request.fields = take_cookie(request.fields, self.sticky_prefix)
         if self.hash_source is not None:
             kind, name = self.hash_source
             if kind == "client-ip":
@@ -2195,43 +2247,34 @@ class RoundRobin:
             else:
                 found = take_cookie(request.fields, name)[0]
                 key = found[0] if found else None
-            if key:  # none, or empty: round robin (HAProxy's rule for a missing hdr())
-                route.key = ring_hash(key)
-        return route
+            # None, or empty: round robin (HAProxy's rule for a missing hdr()).
+            key = ring_hash(key) if key else None
+        return Route(self, secure, values, key)
 
-    def choose(self, rotation: Rotation, key: int | None, exclude, load=None) -> Backend | None:
-        """A new pick by the policy: the ring for a hash key, the least loaded upstream when
-        `load(slot)` (requests in flight) is given, round robin otherwise."""
-        if key is not None:
-            return self.on_ring(rotation, key, exclude)
-        if load is not None:
-            return self.least_loaded(rotation, exclude, load)
-        return self.pick(exclude)
-
-    def least_loaded(self, rotation: Rotation, exclude, load) -> Backend | None:
+    def least_loaded(self, rotation: Rotation, exclude, loads) -> Backend | None:
         """nginx's least_conn: the fewest requests in flight (tunnels included) for its weight;
         ties in weighted round-robin order, so an idle pool still rotates. Backups only when no
-        primary may take the request."""
-        weights = rotation.weights
-        for cycle, members in ((rotation.primary, rotation.primary_members),
-                               (rotation.backup, rotation.backup_members)):
-            best, tied = None, []
-            for backend in members:
-                if backend in exclude:
-                    continue
-                score = load(backend.slot) / weights[backend]
-                if best is None or score < best:
-                    best, tied = score, [backend]
-                elif score == best:
-                    tied.append(backend)
-            if len(tied) == 1:
-                return tied[0]
-            if tied:
-                size = len(cycle)
-                for _ in range(size):  # every member is in the cycle: found within one turn
-                    backend = cycle[next(self._counter) % size]
-                    if backend in tied:
-                        return backend
+        primary may take the request. `loads`: SharedState.loads. (Written in whole-list steps:
+        a pick runs a request.)"""
+        for cycle, members, slots, weights, positions in rotation.groups:
+            scores = loads(slots)[:-1]  # the getter's last count is slot 0's
+            if weights is not None:
+                scores = list(map(operator.truediv, scores, weights))
+            if exclude:
+                scores = [math.inf if backend in exclude else score for backend, score in zip(members, scores)]
+            best = min(scores)
+            if best == math.inf:
+                continue  # every one of them was tried: the backups' turn
+            ties = scores.count(best)
+            if ties == 1:
+                return members[scores.index(best)]
+            size = len(cycle)
+            if ties == len(scores):
+                return cycle[next(self._counter) % size]
+            for _ in range(size):  # every member is in the cycle: found within one turn
+                index = next(self._counter) % size
+                if scores[positions[index]] == best:
+                    return cycle[index]
         return None
 
     @staticmethod
@@ -2248,22 +2291,6 @@ class RoundRobin:
                 if backend not in exclude:
                     return backend
         return None
-
-    @staticmethod
-    def pinned(rotation: Rotation, values, exclude) -> Backend | None:
-        """The upstream a sticky cookie's value names, while it may take the request: up, or
-        draining (HAProxy's drain: no new sessions, the existing ones go on), and not tried yet.
-        A value that names no upstream of the set (forged, from another key, removed by a reload)
-        is no error: the request is balanced anew."""
-        for value in values:
-            backend = rotation.cookies.get(value)
-            if backend is not None and backend in rotation.pinnable and backend not in exclude:
-                return backend
-        return None
-
-    def count(self, field: int) -> None:
-        if self.stats is not None:
-            self.stats.add(field)
 
     # -- the snapshot -------------------------------------------------------------------------
 
@@ -2371,6 +2398,15 @@ class RoundRobin:
         self.backends, self._entries = current, entries
         self._rings = {}
 
+    def publish_counts(self) -> None:
+        """Sticky hits and re-picks into the worker's block (who calls: publish_gauges, a few
+        times a second and before a one-process balancer's /status)."""
+        if self.stats is not None and self.sticky_name is not None:
+            hits, repicks = self._counted_before
+            counters = self.stats.counters
+            counters[P_STICKY_HITS] = hits + steps_taken(self.sticky_hits)
+            counters[P_STICKY_REPICKS] = repicks + steps_taken(self.sticky_repicks)
+
     def retry_after(self) -> int:
         """Seconds until an upstream may be back, for Retry-After on a 503."""
         now = monotonic_us()
@@ -2378,6 +2414,11 @@ class RoundRobin:
                    if until > now]
         wait = (min(pending) - now) / 1e6 if pending else self.config.health_interval
         return max(1, math.ceil(wait))
+
+
+def steps_taken(counter: itertools.count) -> int:
+    """How far an itertools.count(0) has counted, read without a step (its repr is "count(N)")."""
+    return int(repr(counter)[6:-1])
 
 
 class Route:
@@ -2389,43 +2430,59 @@ class Route:
 
     __slots__ = ("balancer", "secure", "values", "key", "pinned", "counted")
 
-    def __init__(self, balancer: RoundRobin, secure: bool):
+    def __init__(self, balancer: RoundRobin, secure: bool, values: list | None, key: int | None):
         self.balancer, self.secure = balancer, secure
-        self.values: list = []     # the values of the sticky cookie the client sent
-        self.key = None            # the hash of the request's --hash-key; None: it has none
-        self.pinned = None         # the upstream the sticky cookie names, at the last pick
+        self.values = values       # the sticky cookie's values the client sent (None: no sticky)
+        self.key = key             # the hash of the request's --hash-key (None: it has none)
+        self.pinned = None         # the upstream its sticky cookie names, at the last pick
         self.counted = None        # the slot where this request is counted in flight
 
     def pick(self, tried) -> Backend | None:
         balancer = self.balancer
         rotation = balancer.current()
-        pinned = self.pinned = balancer.pinned(rotation, self.values, tried) if self.values else None
-        if not balancer.counting:
-            return pinned or balancer.choose(rotation, self.key, tried)
-        if self.counted is not None:  # a retry: the failed try is in flight no more
-            balancer.shared.release(balancer.worker, self.counted)
-            self.counted = None
-        backend = balancer.shared.acquire(balancer.worker, lambda load: pinned or balancer.choose(
-            rotation, self.key, tried, load))
-        if backend is not None:
-            self.counted = backend.slot
-        return backend
+        pinned = None
+        if self.values:
+            # The upstream the cookie names, while it may take the request: up, or draining
+            # (HAProxy's drain: no new sessions, the existing ones go on), and not tried yet. A
+            # value that names none of the set (forged, from another key, removed by a reload)
+            # is no error: the request is balanced anew.
+            cookies, pinnable = rotation.cookies, rotation.pinnable
+            for value in self.values:
+                backend = cookies.get(value)
+                if backend is not None and backend in pinnable and backend not in tried:
+                    pinned = backend
+                    break
+            self.pinned = pinned
+        if balancer.counting:
+            shared = balancer.shared
+            if self.counted is not None:  # a retry: the failed try is in flight no more
+                shared.release(balancer.worker, self.counted)
+                self.counted = None
+            backend = shared.acquire(balancer.worker, lambda loads: pinned or balancer.least_loaded(
+                rotation, tried, loads))
+            if backend is not None:
+                self.counted = backend.slot
+            return backend
+        if pinned is not None:
+            return pinned
+        if self.key is not None:
+            return balancer.on_ring(rotation, self.key, tried)
+        return balancer.pick(tried)
 
     def answered(self, backend: Backend, head: ResponseHead) -> None:
         """`backend`'s response goes to the client: a client not pinned to it gets the cookie that
         pins it, added to the response's fields (a new client, or one whose upstream was out)."""
-        balancer = self.balancer
-        if balancer.sticky_name is None:
+        if self.values is None:
             return
         if backend is self.pinned:
-            balancer.count(P_STICKY_HITS)
+            next(self.balancer.sticky_hits)
             return
         if backend.sticky_value is None:
-            return
+            return  # no key yet (the owner publishes it before the first request)
         if self.values:
-            balancer.count(P_STICKY_REPICKS)
-        head.fields.append((b"set-cookie", b"Set-Cookie: %s=%s; Path=/; HttpOnly; SameSite=Lax%s" % (
-            balancer.sticky_name, backend.sticky_value, b"; Secure" if self.secure else b"")))
+            next(self.balancer.sticky_repicks)
+        head.fields.append((b"set-cookie", b"Set-Cookie: %s%s; Path=/; HttpOnly; SameSite=Lax%s" % (
+            self.balancer.sticky_prefix, backend.sticky_value, b"; Secure" if self.secure else b"")))
 
     def end(self) -> None:
         if self.counted is not None:
@@ -3688,6 +3745,7 @@ class ProxyServer(ThreadingHTTPServer):
                 counters[base + U_IN_FLIGHT] = in_flight[base]
             self.gauged = set(in_flight)
             counters[P_RECEIVED], counters[P_SENT] = received, sent
+        self.balancer.publish_counts()
 
     def wake_drainer(self) -> None:
         with self.lock:

@@ -6,6 +6,7 @@
   checked against /status's slow_start factor and /metrics' lb_upstream_slow_start_factor.
 - When a ramp starts: after a reload that adds an upstream, at the end of an ejection, out of
   maint; not at start-up, not out of drain, and not without --slow-start.
+- The dashboard shows the policy and the ramping upstream's share, with and without its script.
 
 In-process balancers over conftest's upstreams (no pooled connections where an upstream is stopped:
 its handler threads would still answer on them); waits are polled with wait_until.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 
-from conftest import RawClient, port_of, refused_url, request, wait_until
+from conftest import RawClient, get, port_of, refused_url, request, require_program, wait_until
 
 WINDOW = 2.0
 
@@ -105,3 +106,32 @@ def test_without_slow_start_nothing_ramps(upstreams, balancer, tmp_path):
     b.control.set_state("z1", "ready")
     assert factors(b) == {"z0": None, "z1": None}
     assert b.status()["slow_start_seconds"] == 0
+
+
+def test_the_dashboard_shows_the_policy_and_the_ramp(upstreams, balancer):
+    """Live in Chromium (the page script fills both), and in the page as served (no script)."""
+    require_program("chromium")
+    from browser import Chromium
+
+    ups = upstreams(2)
+    b = balancer([u.url + f",name=d{i}" for i, u in enumerate(ups)], slow_start=30, balance="leastconn",
+                 sticky_cookie="lb", admin_port=0)
+    b.control.set_state("d1", "maint")
+    b.control.set_state("d1", "ready")
+    served = get(b.admin_port, "/").body.decode()
+    assert '<b id="policy" title="sticky cookie lb: 0 hits, 0 re-picks">leastconn \u00b7 sticky lb \u00b7 slow start 30s</b>' in served
+    assert re.search(r'<span class="ss tag">slow start 1\d%</span>', served), served
+    with Chromium() as browser:
+        browser.open(f"http://127.0.0.1:{b.admin_port}/", timeout=10)
+        browser.wait_for("document.documentElement.className === 'js' && "
+                         "document.getElementById('live').classList.contains('ok')", timeout=10)
+        shown = browser.evaluate(
+            "({policy: document.getElementById('policy').textContent,"
+            " ramp: [...document.querySelectorAll('tr[data-backend]')].map((tr) =>"
+            " [tr.dataset.backend, tr.querySelector('.ss').hidden, tr.querySelector('.ss').textContent])})")
+        errors = browser.console_errors()
+    assert shown["policy"] == "leastconn \u00b7 sticky lb \u00b7 slow start 30s"
+    (name0, hidden0, _), (name1, hidden1, text1) = shown["ramp"]
+    assert (name0, hidden0, name1, hidden1) == ("d0", True, "d1", False), shown
+    assert re.fullmatch(r"slow start 1\d%", text1), text1
+    assert errors == [], errors
