@@ -2148,7 +2148,7 @@ class Rotation:
         self.groups = tuple(
             (cycle, members, operator.itemgetter(*(b.slot for b in members), 0),
              None if len({self.weights[b] for b in members}) == 1 else tuple(self.weights[b] for b in members),
-             tuple(members.index(b) for b in cycle))
+             tuple(map({b: index for index, b in enumerate(members)}.__getitem__, cycle)))
             for cycle, members in ((primary, self.primary_members), (backup, self.backup_members)) if members)
         self.rings = ()
         self.cookies: dict = {}
@@ -2202,6 +2202,7 @@ class RoundRobin:
             self.refresh()
 
     def current(self) -> Rotation:
+        """The rotation as of the shared state now (pick() reads it the same way, inline)."""
         rotation = self._rotation
         if rotation.generation != self._header[H_GENERATION] or (
                 rotation.review_at and monotonic_us() >= rotation.review_at):

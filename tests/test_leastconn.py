@@ -80,6 +80,12 @@ def in_flight(b) -> dict:
     return {backend["url"]: backend["in_flight"] for backend in b.status()["backends"]}
 
 
+def settled(b, total: int) -> bool:
+    """Wait until `total` requests are counted in flight in all: a response reaches its client a
+    moment before its connection's thread has released the count."""
+    return wait_until(lambda: sum(in_flight(b).values()) == total, interval=0.002)
+
+
 def test_websocket_tunnels_count_while_open_and_new_ones_go_to_the_fewest(balancer):
     async def scenario():
         async with whoami_servers(3) as ups:
@@ -87,7 +93,9 @@ def test_websocket_tunnels_count_while_open_and_new_ones_go_to_the_fewest(balanc
             tunnels = []
             for _ in range(12):
                 tunnels.append(await open_tunnel(b.port))
-                assert [await plain_get(b.port) for _ in range(2)] == [200, 200]
+                for _ in range(2):
+                    assert await plain_get(b.port) == 200
+                    assert await asyncio.to_thread(settled, b, len(tunnels))
             assert Counter(port for _, port in tunnels) == {port: 4 for port in ups.ports}
             assert in_flight(b) == {url: 4 for url in ups.urls}
             for _ in range(6):
@@ -128,7 +136,10 @@ def test_a_slow_request_holding_one_upstream_is_avoided_by_short_ones(upstreams,
         held = hold(b.port, 1)
         assert slow.arrived.wait(SOCKET_TIMEOUT)
         busy = next(u for u in ups if u.requests)
-        ports = [int(get(b.port, f"/short{i}").header("X-Upstream-Port")) for i in range(10)]
+        ports = []
+        for i in range(10):
+            ports.append(int(get(b.port, f"/short{i}").header("X-Upstream-Port")))
+            assert settled(b, 1)
         assert busy.port not in ports
         assert Counter(ports) == {u.port: 5 for u in ups if u is not busy}
         assert ports[0::2] == [ports[0]] * 5 and ports[1::2] == [ports[1]] * 5  # they alternate
