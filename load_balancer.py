@@ -19,7 +19,9 @@ What happens to a request, in order:
   an upstream.
 * ``RoundRobin`` picks the next upstream (one ``itertools.count`` over a precomputed smooth
   weighted cycle, O(1), no lock), skipping the ones that health checks, failed requests or an
-  operator took out of rotation; backups only when no primary can answer.
+  operator took out of rotation; backups only when no primary can answer. ``--balance leastconn``
+  (the fewest in flight, counted across workers), ``--balance hash`` (a consistent-hash ring) and
+  ``--sticky-cookie`` read the request: a ``Route`` per request does that.
 * The request goes out on a pooled keep-alive ``http.client`` connection, its body streamed in
   bounded pieces while the upstream is watched for an early answer; hop-by-hop headers are removed
   and ``X-Forwarded-*`` added. The response comes back the same way, bytes passed on as they
