@@ -66,7 +66,7 @@ def test_removing_one_of_four_moves_only_its_keys_and_adding_it_back_restores_th
 def test_an_upstream_out_passes_its_keys_along_the_ring_and_gets_them_back(upstreams, balancer, tmp_path):
     """maint, a refused connect and health checks: each sends the keys where a removal would."""
     ups = upstreams(4)
-    keys = KEYS[:300]
+    keys = KEYS[:150]
     backends = tmp_path / "backends.txt"
     backends.write_text(listing(ups))
     # No pooled connections: a stopped conftest upstream's handler threads would answer on them.
