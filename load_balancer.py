@@ -1724,9 +1724,9 @@ class SharedState:
     # sum of the rows. Paid only where something reads it: --balance leastconn (and, later,
     # per-upstream caps: a cap is a `choose` that returns None when the count is at the cap).
 
-    def acquire(self, worker: int, choose):
-        """Count one more request in flight at what `choose(self.loads)` returns (anything with
-        a `slot`; None: nothing, counted nowhere), as one step for every thread of every worker:
+    def acquire(self, worker: int, choose, *args):
+        """Count one more request in flight at what `choose(*args, self.loads)` returns (anything
+        with a `slot`; None: nothing, counted nowhere), as one step for every thread of every worker:
         no two picks count from the same counts, so that 24 requests from 8 threads in 2 workers
         over 3 idle upstreams land exactly 8 on each. Returns what `choose` returned.
 
@@ -1737,7 +1737,7 @@ class SharedState:
         header, row = self.header, self.in_flight_rows[worker]
         while True:
             picks = header[H_PICKS]
-            chosen = choose(self.loads)
+            chosen = choose(*args, self.loads)
             if chosen is None:
                 return None
             with self.pick_lock:
@@ -2472,8 +2472,10 @@ class Route:
             if self.counted is not None:  # a retry: the failed try is in flight no more
                 shared.release(balancer.worker, self.counted)
                 self.counted = None
-            backend = shared.acquire(balancer.worker, lambda loads: pinned or balancer.least_loaded(
-                rotation, tried, loads))
+            if pinned is None:
+                backend = shared.acquire(balancer.worker, balancer.least_loaded, rotation, tried)
+            else:
+                backend = shared.acquire(balancer.worker, lambda loads: pinned)
             if backend is not None:
                 self.counted = backend.slot
             return backend
