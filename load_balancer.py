@@ -19,7 +19,9 @@ What happens to a request, in order:
   an upstream.
 * ``RoundRobin`` picks the next upstream (one ``itertools.count`` over a precomputed smooth
   weighted cycle, O(1), no lock), skipping the ones that health checks, failed requests or an
-  operator took out of rotation; backups only when no primary can answer.
+  operator took out of rotation; backups only when no primary can answer. ``--balance leastconn``
+  (the fewest in flight, counted across workers), ``--balance hash`` (a consistent-hash ring) and
+  ``--sticky-cookie`` read the request: a ``Route`` per request does that.
 * The request goes out on a pooled keep-alive ``http.client`` connection, its body streamed in
   bounded pieces while the upstream is watched for an early answer; hop-by-hop headers are removed
   and ``X-Forwarded-*`` added. The response comes back the same way, bytes passed on as they
@@ -44,12 +46,14 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import base64
 import bisect
 import collections
 import datetime
 import email.utils
 import errno
 import functools
+import hashlib
 import hmac
 import html
 import http.client
@@ -260,6 +264,22 @@ def worker_count(text: str) -> int:
     return (os.cpu_count() or 1) if text == "auto" else int(text)
 
 
+def is_token(text: str) -> bool:
+    """An HTTP token (RFC 9110 section 5.6.2): what a header name and a cookie name are made of."""
+    return bool(text) and text.isascii() and not text.encode().translate(None, TCHAR)
+
+
+def hash_key_form(value) -> str | None:
+    kind, colon, name = value.partition(":")
+    if value in ("client-ip", "uri") or (colon and kind in ("header", "cookie") and is_token(name)):
+        return None
+    return "must be client-ip, uri, header:NAME or cookie:NAME"
+
+
+def cookie_name(value) -> str | None:
+    return None if is_token(value) else "must be a cookie name (letters, digits and !#$%&'*+-.^_`|~)"
+
+
 # HAProxy's retry-on keywords: what a request may be re-sent to the next upstream after.
 RETRY_CONDITIONS = frozenset({"conn-failure", "empty-response", "response-timeout", "none"})
 
@@ -353,6 +373,23 @@ class Config:
                              group="health", type=int, check=at_least_one)
     fail_timeout: float = setting(10.0, "seconds an upstream stays out after --max-fails",
                                   group="health", type=float, check=positive)
+    # Balancing. Round robin is nginx's and HAProxy's default; the others are theirs too (see the
+    # README for each peer's name of each).
+    balance: str = setting("roundrobin", "how an upstream is chosen: roundrobin, leastconn (fewest "
+                           "requests in flight for its weight) or hash (consistent hashing of "
+                           "--hash-key)", group="balancing", choices=("roundrobin", "leastconn", "hash"))
+    hash_key: str = setting("client-ip", "what --balance hash hashes: client-ip, uri, header:NAME or "
+                            "cookie:NAME (a request without it goes round robin)", group="balancing",
+                            check=hash_key_form, metavar="KEY")
+    sticky_cookie: str | None = setting(None, "pin each client to an upstream with this cookie (set by "
+                                        "the balancer; an HMAC of the upstream's name)",
+                                        group="balancing", check=cookie_name, metavar="NAME")
+    sticky_key: str | None = setting(None, "file whose bytes (16 or more) key the sticky cookie's HMAC; "
+                                     "default: derived from /etc/machine-id", group="balancing",
+                                     metavar="FILE")
+    slow_start: float = setting(0.0, "seconds over which an upstream that comes back, or that a reload "
+                                "added, ramps from a tenth of its weight to all of it; 0 = off",
+                                group="balancing", type=float, check=non_negative, metavar="SECONDS")
     # Operations.
     drain_timeout: float = setting(10.0, "seconds in-flight requests may take after SIGTERM, SIGINT "
                                    "or SIGQUIT", group="operations", type=float, check=non_negative)
@@ -431,6 +468,12 @@ class Config:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.redirect_http_port is not None and self.tls_cert is None:
             raise ValueError("--redirect-http-port needs --tls-cert")
+        if self.hash_key != "client-ip" and self.balance != "hash":
+            raise ValueError(f"--hash-key {self.hash_key} needs --balance hash")
+        if self.sticky_key is not None:
+            if self.sticky_cookie is None:
+                raise ValueError("--sticky-key needs --sticky-cookie")
+            read_sticky_key(self.sticky_key)
         if self.admin_port is not None and not self.admin_token and not is_loopback(self.admin_host):
             raise ValueError(f"--admin-host {self.admin_host} is not a loopback address: give "
                              "--admin-token too, or anyone who can reach it can drain your upstreams")
@@ -597,6 +640,25 @@ def read_backends_file(path: str) -> tuple:
     if not backends:
         raise ValueError(f"{path}: no backend in the file")
     return tuple(backends)
+
+
+MAX_STICKY_KEY_FILE = 65536
+
+
+def read_sticky_key(path: str) -> bytes:
+    """The bytes of a --sticky-key file, surrounding whitespace removed (so that the output of
+    ``openssl rand -base64 32`` works as it is); ValueError with a one-line reason."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_STICKY_KEY_FILE + 1).strip()
+    except OSError as error:
+        raise ValueError(f"cannot read --sticky-key {path}: {describe_os_error(error)}") from None
+    if len(data) > MAX_STICKY_KEY_FILE:
+        raise ValueError(f"--sticky-key {path}: larger than {MAX_STICKY_KEY_FILE} bytes")
+    if len(data) < 16:
+        raise ValueError(f"--sticky-key {path}: {len(data)} bytes; a key needs 16 or more "
+                         "(openssl rand -base64 32 > FILE)")
+    return data
 
 
 # ===================================================================================================
@@ -1065,6 +1127,65 @@ def headers_for_client(response: ResponseHead, *, chunked: bool, keep_alive: boo
 def dropping(drop: frozenset, name: bytes) -> frozenset:
     """`drop` with one more field name, made once (a set built per response costs more)."""
     return drop | {name}
+
+
+FIELD_NAME = operator.itemgetter(0)
+
+
+def take_cookie(fields: list, prefix: bytes) -> tuple[list, list]:
+    """(the values of the cookie `prefix` names (``b"lb="``) in a request's Cookie fields, the
+    fields without it). A Cookie field is "; "-separated name=value pairs (RFC 6265 section 5.4;
+    a client may send several fields, as an HTTP/2 gateway splits them); one left without a pair
+    is dropped, the others keep their pairs and order. A name that only ends in the cookie's
+    ("xlb=") or a value holding it ("a=lb=") is someone else's. When the cookie is not there the
+    same list comes back. This runs for every request of a sticky balancer: the fields are
+    searched in C, and the usual request (one Cookie field, the cookie alone in it) takes no loop."""
+    names = list(map(FIELD_NAME, fields))
+    count = names.count(b"cookie")
+    if not count:
+        return [], fields
+    if count == 1:
+        index = names.index(b"cookie")
+        value = fields[index][1].partition(b":")[2].strip(b" \t")
+        if value.startswith(prefix) and b";" not in value:
+            kept = fields.copy()
+            del kept[index]
+            return [value[len(prefix):]], kept
+        if prefix not in value:
+            return [], fields
+        indexes = [index]
+    else:
+        indexes = [index for index, name in enumerate(names) if name == b"cookie"]
+    values: list = []
+    kept = list(fields)
+    for index in reversed(indexes):  # from the last: a removal leaves the earlier indexes as they are
+        field_name, _, value = fields[index][1].partition(b":")
+        value = value.strip(b" \t")
+        if value.startswith(prefix) and b";" not in value:  # the cookie alone in this field
+            values.insert(0, value[len(prefix):])
+            del kept[index]
+            continue
+        found, others = [], []
+        for pair in value.split(b";"):
+            pair = pair.strip(b" \t")
+            if pair.startswith(prefix):
+                found.append(pair[len(prefix):])
+            elif pair:
+                others.append(pair)
+        values[:0] = found
+        if not others:
+            del kept[index]
+        elif found:
+            kept[index] = (b"cookie", field_name + b": " + b"; ".join(others))
+    return (values, kept) if values else (values, fields)
+
+
+def field_value(fields: list, name: bytes) -> bytes | None:
+    """The value of the first field named `name` (lowercase), or None."""
+    for lname, line in fields:
+        if lname == name:
+            return line.partition(b":")[2].strip(b" \t")
+    return None
 
 
 _date_cache = [0, b""]
@@ -1818,14 +1939,16 @@ ERROR_KINDS = ("connect", "tls", "timeout", "closed", "invalid", "body", "idle")
 # a long poll) is the application's way, and is cut without counting toward --max-fails.
 NOT_AGAINST_THE_UPSTREAM = frozenset({"idle"})
 
-# The header: generations that tell every process to look again.
-H_GENERATION, H_TLS_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH = range(4)
+# The header: generations that tell every process to look again. H_PICKS: picks counted by
+# SharedState.acquire, by every worker.
+(H_GENERATION, H_TLS_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH, H_STICKY_KEY_LENGTH, H_PICKS) = range(6)
 HEADER_INTS = 8
 CONFIG_BYTES = 64 * 1024
 TLS_BYTES = 64 * 1024  # the certificate chain and key a reload checked, for every worker to load
-# Each upstream slot's state.
+STICKY_KEY_BYTES = 32  # the key of the sticky cookie's HMAC, the owner's, for every worker
+# Each upstream slot's state. S_RAMP_START: when it came back (CLOCK_MONOTONIC us), for --slow-start.
 (S_IN_USE, S_HEALTH, S_ADMIN, S_EJECTED_UNTIL, S_EJECTED_UNTIL_WALL, S_CONSECUTIVE_FAILURES,
- S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH) = range(11)
+ S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH, S_RAMP_START) = range(12)
 STATE_INTS = 12
 REASON_BYTES = 240
 HEALTH_STATES = ("unchecked", "up", "down")            # S_HEALTH's values, by name
@@ -1834,7 +1957,7 @@ ADMIN_STATES = ("ready", "drain", "maint")             # S_ADMIN's values, by na
 LAPSED_EJECTION = "back in rotation: its fail timeout passed"
 # Each worker's block: its process, then one record per upstream slot.
 (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP, P_TUNNEL_BYTES_DOWN,
- P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(10)
+ P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED, P_STICKY_HITS, P_STICKY_REPICKS) = range(12)
 P_IN_FLIGHT, P_RESPONSES = 14, 15  # derived (Control.counters), never written by a worker
 PROCESS_INTS = 16
 U_CODES = 0
@@ -1847,6 +1970,8 @@ U_IN_FLIGHT = U_ATTEMPTS + 1
 U_IDLE = U_IN_FLIGHT + 1
 UPSTREAM_INTS = U_IDLE + 1
 WORKER_INTS = PROCESS_INTS + (MAX_UPSTREAMS + 1) * UPSTREAM_INTS
+# Each worker's row of requests in flight per upstream slot (see SharedState.acquire).
+IN_FLIGHT_INTS = MAX_UPSTREAMS + 1
 
 
 def memory_directory() -> str | None:
@@ -1909,6 +2034,8 @@ class SharedState:
 
     def __init__(self, memory: mmap.mmap, workers: int, lock: SharedLock, files=()):
         self.memory, self.worker_count, self.lock, self.files = memory, workers, lock, files
+        # acquire()'s: the process's own lock alone where no other process shares the block.
+        self.pick_lock = lock if lock.file is not None else lock.local
         view = memoryview(memory)
         offset = 0
 
@@ -1924,11 +2051,13 @@ class SharedState:
         self.config_area = take(CONFIG_BYTES, ints=False)
         self.tls_area = take(TLS_BYTES, ints=False)
         self.workers = [take(WORKER_INTS * 8) for _ in range(workers)]
+        self.sticky_key_area = take(STICKY_KEY_BYTES, ints=False)
+        self.in_flight_rows = [take(IN_FLIGHT_INTS * 8) for _ in range(workers)]
 
     @staticmethod
     def size(workers: int) -> int:
-        return 8 * (HEADER_INTS + (MAX_UPSTREAMS + 1) * STATE_INTS + workers * WORKER_INTS) + (
-            (MAX_UPSTREAMS + 1) * REASON_BYTES + CONFIG_BYTES + TLS_BYTES)
+        return 8 * (HEADER_INTS + (MAX_UPSTREAMS + 1) * STATE_INTS + workers * (WORKER_INTS + IN_FLIGHT_INTS)) + (
+            (MAX_UPSTREAMS + 1) * REASON_BYTES + CONFIG_BYTES + TLS_BYTES + STICKY_KEY_BYTES)
 
     @classmethod
     def create(cls, workers: int = 1, *, processes: bool = False) -> SharedState:
@@ -1975,6 +2104,8 @@ class SharedState:
         for slot in range(MAX_UPSTREAMS + 1):
             base = stats_base(slot)
             counters[base + U_IN_FLIGHT] = counters[base + U_IDLE] = 0
+        with self.lock:
+            self.in_flight_rows[index][:] = memoryview(bytes(8 * IN_FLIGHT_INTS)).cast("q")
         counters[P_RESTARTS] += 1
 
     def publish_tls(self, pem: bytes) -> None:
@@ -1991,6 +2122,69 @@ class SharedState:
         """(generation, the last published chain and key); b"" before the first reload."""
         with self.lock:
             return self.header[H_TLS_GENERATION], bytes(self.tls_area[:self.header[H_TLS_LENGTH]])
+
+    def publish_sticky_key(self, key: bytes) -> None:
+        """The sticky cookie's HMAC key, decided once by the owner (see sticky_cookie_key), for
+        every worker: a random one must be the same in all of them."""
+        with self.lock:
+            self.sticky_key_area[:len(key)] = key[:STICKY_KEY_BYTES]
+            self.header[H_STICKY_KEY_LENGTH] = len(key)
+            self.header[H_GENERATION] += 1
+
+    def sticky_key(self) -> bytes:
+        """b"" until the owner has published one."""
+        with self.lock:
+            return bytes(self.sticky_key_area[:self.header[H_STICKY_KEY_LENGTH]])
+
+    # -- requests in flight at each upstream, exact across workers --------------------------------
+    # Each worker counts what it sends in its own row (no other process writes it, so a worker
+    # that dies takes its counts with it: worker_died zeroes the row); the count of a slot is the
+    # sum of the rows. Paid only where something reads it: --balance leastconn (and, later,
+    # per-upstream caps: a cap is a `choose` that returns None when the count is at the cap).
+
+    def acquire(self, worker: int, choose, *args):
+        """Count one more request in flight at what `choose(*args, self.loads)` returns (anything
+        with a `slot`; None: nothing, counted nowhere), as one step for every thread of every worker:
+        no two picks count from the same counts, so that 24 requests from 8 threads in 2 workers
+        over 3 idle upstreams land exactly 8 on each. Returns what `choose` returned.
+
+        Optimistic: `choose` runs without the lock, and the count is taken under it only if no
+        other pick was counted meanwhile (H_PICKS), else it chooses again. The lock is never held
+        across Python code that may give the GIL up: a thread that held it while the interpreter
+        switched threads (every 5 ms under load) would queue every other pick behind it."""
+        header, row = self.header, self.in_flight_rows[worker]
+        while True:
+            picks = header[H_PICKS]
+            chosen = choose(*args, self.loads)
+            if chosen is None:
+                return None
+            with self.pick_lock:
+                if header[H_PICKS] == picks:
+                    header[H_PICKS] = picks + 1
+                    row[chosen.slot] += 1
+                    return chosen
+
+    def release(self, worker: int, slot: int) -> None:
+        """A request that acquire() counted has ended (its tunnel too). Only this process writes
+        its row: the process's lock is enough."""
+        with self.lock.local:
+            self.in_flight_rows[worker][slot] -= 1
+
+    def in_flight(self, slot: int) -> int:
+        """Requests in flight (and open tunnels) at `slot` that acquire() counted, every worker's."""
+        total = 0
+        for row in self.in_flight_rows:
+            total += row[slot]
+        return total
+
+    def loads(self, slots) -> tuple:
+        """in_flight() of each of `slots` (an operator.itemgetter of two or more slots: a pick
+        reads every candidate's in one C call a row)."""
+        rows = self.in_flight_rows
+        counts = slots(rows[0])
+        for row in rows[1:]:
+            counts = tuple(map(operator.add, counts, slots(row)))
+        return counts
 
     # -- one upstream's state --------------------------------------------------------------------
 
@@ -2024,6 +2218,8 @@ class SharedState:
         """An ejection whose --fail-timeout ran out ends where it is next seen (a request, a check,
         an operator): cleared, and said as of when it ran out. Called with the lock held."""
         base = slot * STATE_INTS
+        # When it came back stays known: --slow-start ramps from the ejection's end.
+        self.states[base + S_RAMP_START] = max(self.states[base + S_RAMP_START], self.states[base + S_EJECTED_UNTIL])
         self.states[base + S_EJECTED_UNTIL] = 0
         self._explain(slot, LAPSED_EJECTION, at=self.states[base + S_EJECTED_UNTIL_WALL])
 
@@ -2044,6 +2240,18 @@ class SharedState:
             base = slot * STATE_INTS
             self.states[base:base + STATE_INTS] = memoryview(bytes(8 * STATE_INTS)).cast("q")
             self._set_reason(slot, reason)
+
+    def start_ramp(self, slot: int) -> None:
+        """The upstream comes back now: --slow-start ramps its weight from here (who calls: the
+        owner's reload for an added upstream). Called with the lock held, or alone."""
+        self.states[slot * STATE_INTS + S_RAMP_START] = monotonic_us()
+
+    def ramp_start(self, slot: int, now_us: int) -> int:
+        """When the upstream came back into rotation (0: not since it started): the later of the
+        last recorded return and the end of an ejection that ran out by itself."""
+        base = slot * STATE_INTS
+        until = self.states[base + S_EJECTED_UNTIL]
+        return max(self.states[base + S_RAMP_START], until if until <= now_us else 0)
 
     def routing_state(self, slot: int, now_us: int) -> str:
         """What routing sees: up, down (health checks), ejected (passive), drain or maint."""
@@ -2090,10 +2298,12 @@ class SharedState:
             until = self.states[base + S_EJECTED_UNTIL]
             if not until:
                 return False
-            if until <= monotonic_us():
+            now = monotonic_us()
+            if until <= now:
                 self._end_lapsed_ejection(slot)
                 return False
             self.states[base + S_EJECTED_UNTIL] = 0
+            self.states[base + S_RAMP_START] = now
             self._explain(slot, "back in rotation: a request to it succeeded")
             self.header[H_GENERATION] += 1
         return True
@@ -2109,6 +2319,8 @@ class SharedState:
             states = self.states
             states[base + (S_CHECKS_PASSED if ok else S_CHECKS_FAILED)] += 1
             changed = health is not None and health != states[base + S_HEALTH]
+            if changed and health == HEALTH_UP and states[base + S_HEALTH] == HEALTH_DOWN:
+                self.start_ramp(slot)  # down -> up; not unchecked -> up, at start
             if health is not None:
                 states[base + S_HEALTH] = health
             until = states[base + S_EJECTED_UNTIL]
@@ -2116,6 +2328,7 @@ class SharedState:
             if ejected and may_end_ejection:
                 states[base + S_EJECTED_UNTIL] = 0
                 states[base + S_CONSECUTIVE_FAILURES] = 0
+                self.start_ramp(slot)
                 ejected, changed = False, True
                 reason = "back in rotation: " + reason
             elif until and not ejected:
@@ -2130,10 +2343,12 @@ class SharedState:
         with self.lock:
             base = slot * STATE_INTS
             states = self.states
+            if state == "ready" and states[base + S_ADMIN] == ADMIN_STATES.index("maint"):
+                self.start_ramp(slot)  # out of maintenance: back as from a failure (HAProxy)
             states[base + S_ADMIN] = ADMIN_STATES.index(state)
             if self.ejection_lapsed(slot, monotonic_us()):
-                states[base + S_EJECTED_UNTIL] = 0
-            if state == "ready" and states[base + S_HEALTH] == 2:
+                self._end_lapsed_ejection(slot)
+            if state == "ready" and states[base + S_HEALTH] == HEALTH_DOWN:
                 reason += "; still down: its health checks fail"
             elif state == "ready" and states[base + S_EJECTED_UNTIL]:
                 reason += "; still out after failed requests"
@@ -2151,6 +2366,7 @@ class WorkerStats:
     ProxyServer.publish_gauges writes them from what its connections hold."""
 
     def __init__(self, shared: SharedState, index: int):
+        self.index = index
         self.counters = shared.workers[index]
         self.lock = threading.Lock()
         self.counters[P_PID] = os.getpid()
@@ -2210,6 +2426,7 @@ class Backend:
         self.states, self.state_base = shared.states, slot * STATE_INTS  # read on every request
         self.stats_base = stats_base(slot)
         self.maint = False                # kept by RoundRobin.refresh: no idle connection is kept
+        self.sticky_value = None          # its sticky cookie's value (RoundRobin._sticky_cookies)
         self.name, self.url = spec.name, spec.url
         self.host, self.port = spec.address or spec.host, spec.port
         # In log lines: the URL, and the name too when it is not the URL's own host:port.
@@ -2234,10 +2451,11 @@ class Backend:
         return shown_state(self.shared.routing_state(self.slot, monotonic_us()))
 
 
-def smooth_weighted_cycle(backends: list) -> tuple:
+def smooth_weighted_cycle(backends: list, weights: list | None = None) -> tuple:
     """nginx's smooth weighted round robin, computed once for a whole cycle: weights 3,1,1 give
-    ``a b a c a`` (never ``a a a b c``), and a pick stays one counter step."""
-    weights = [backend.spec.weight for backend in backends]
+    ``a b a c a`` (never ``a a a b c``), and a pick stays one counter step. `weights`: instead of
+    the configured ones (slow start's, see ramped_cycle)."""
+    weights = [backend.spec.weight for backend in backends] if weights is None else list(weights)
     divisor = math.gcd(*weights) if weights else 1
     weights = [weight // divisor for weight in weights]
     total = sum(weights)
@@ -2254,26 +2472,144 @@ def smooth_weighted_cycle(backends: list) -> tuple:
     return tuple(cycle)
 
 
+# Slow start (--slow-start): an upstream that comes back (health checks, the end of an ejection, out
+# of maint) or that a reload added gets SLOW_START_FLOOR of its weight at first, rising linearly to
+# all of it over the window (Envoy's slow start with its default min_weight_percent of 10; nginx
+# Plus and HAProxy start nearer 0). Not at start-up, when every upstream is new. The weights live in
+# the rotation's cycle, rebuilt SLOW_START_STEPS times over the window, so a pick stays one counter
+# step; SLOW_START_SCALE keeps a tenth of a weight a whole number, within MAX_RAMP_CYCLE picks.
+SLOW_START_FLOOR = 0.1
+SLOW_START_STEPS = 20
+SLOW_START_SCALE = 10
+MAX_RAMP_CYCLE = 10_000
+
+
+def slow_start_factor(shared: SharedState, slot: int, window: float, now_us: int) -> float | None:
+    """The share of its weight an upstream that is up gets now: between SLOW_START_FLOOR and 1
+    while it ramps, None when it does not (or --slow-start is 0)."""
+    if not window:
+        return None
+    start = shared.ramp_start(slot, now_us)
+    elapsed = (now_us - start) / 1e6
+    if not start or not 0 <= elapsed < window:
+        return None
+    return SLOW_START_FLOOR + (1 - SLOW_START_FLOOR) * elapsed / window
+
+
+def ramped_cycle(backends: list, factors: dict) -> tuple:
+    """The smooth weighted cycle of `backends`, the weight of each one in `factors` (ramping up)
+    taken at that share."""
+    if not any(backend in factors for backend in backends):
+        return smooth_weighted_cycle(backends)
+    scale = max(1, min(SLOW_START_SCALE, MAX_RAMP_CYCLE // sum(b.spec.weight for b in backends)))
+    return smooth_weighted_cycle(backends, [max(1, round(b.spec.weight * scale * factors.get(b, 1.0)))
+                                            for b in backends])
+
+
+# Consistent hashing (--balance hash): each upstream owns RING_POINTS points per unit of weight on a
+# ring of 64-bit hashes (nginx's "hash ... consistent" and ketama place 160), at most
+# MAX_RING_POINTS in all. A key goes to the owner of the first point at or after its own hash that
+# may take it: an upstream that is out passes its keys to the next points' owners and gets them
+# back when it returns, and removing one of N moves its keys only, about 1/N. The points are
+# hashes of the upstream's name, so every worker, every restart and every machine with the same
+# names builds the same ring. Slow start does not apply here (as in Envoy): a key's upstream is
+# its upstream.
+RING_POINTS = 160
+MAX_RING_POINTS = 1 << 16
+
+
+def ring_hash(data: bytes) -> int:
+    """A 64-bit hash that is the same in every process (Python's hash() is not)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def hash_ring(backends: tuple) -> list:
+    """[(point, backend)] for `backends` by their configured weights, sorted by point."""
+    total = sum(backend.spec.weight for backend in backends)
+    per_weight = max(1, min(RING_POINTS, MAX_RING_POINTS // max(total, 1)))
+    points = [(ring_hash(b"%s#%d" % (backend.name.encode(), index)), backend)
+              for backend in backends for index in range(backend.spec.weight * per_weight)]
+    points.sort(key=operator.itemgetter(0))
+    return points
+
+
+def sticky_cookie_value(key: bytes, name: str) -> bytes:
+    """What the sticky cookie holds for the upstream `name`: an HMAC of the name, 128 bits in
+    base64url. It says nothing of the upstream's address, and without the key nobody can make one
+    (Traefik #2299: a cookie that names the address tells clients the network's layout)."""
+    digest = hmac.new(key, b"load_balancer sticky cookie\0" + name.encode(), "sha256").digest()
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=")
+
+
+MACHINE_ID_PATH = "/etc/machine-id"
+
+
+def sticky_cookie_key(config: Config) -> bytes:
+    """The key of the sticky cookie's HMAC, decided once by the owner of the backend set: from
+    --sticky-key; else from this machine's id (systemd's machine-id, itself never shown: only an
+    HMAC of it, as sd_id128_get_machine_app_specific does), the same across restarts and workers;
+    else random, with a warning (sessions then end with the process)."""
+    label = b"load_balancer sticky cookie key"
+    if config.sticky_key is not None:
+        return hmac.new(read_sticky_key(config.sticky_key), label, "sha256").digest()
+    try:
+        with open(MACHINE_ID_PATH, "rb") as file:
+            machine_id = file.read(4096).strip()
+    except OSError:
+        machine_id = b""
+    if machine_id:
+        return hmac.new(machine_id, label, "sha256").digest()
+    log.warning("--sticky-cookie %s: no --sticky-key and no %s, so the cookie's key is random: "
+                "sessions are pinned only until this balancer restarts", config.sticky_cookie,
+                MACHINE_ID_PATH)
+    return os.urandom(STICKY_KEY_BYTES)
+
+
 class Rotation:
     """Where requests go, as of one generation of the shared state: immutable, read without a
     lock. `primary` cycles over the available primaries (in panic mode: over every upstream out
-    only by passive ejection), `backup` over the available backups."""
+    only by passive ejection), `backup` over the available backups; weights are slow start's. What
+    the other policies read: `weights` (leastconn: each member's weight, slow start's share of it),
+    `rings` (hash: the primaries' and the backups' rings, as (points, owners, members), only
+    points whose owner may take a request), `cookies` (sticky: value -> upstream, for every
+    upstream in the set) and `pinnable` (the upstreams a sticky cookie may still send to: the
+    members, and those draining whose health is fine). `factors`: upstream -> slow-start share.
+    `groups`: (cycle, members, a getter of their slots, their weights or None where they are all
+    alike, each cycle entry's index in members) of the primaries, then of the backups, where
+    there are some (the getter also takes slot 0, so that one member still gives a tuple)."""
 
     __slots__ = ("generation", "primary", "backup", "primary_members", "backup_members",
-                 "review_at", "panic")
+                 "review_at", "panic", "factors", "weights", "groups", "rings", "cookies", "pinnable")
 
-    def __init__(self, generation: int, primary: tuple, backup: tuple, review_at: int, panic: bool):
+    def __init__(self, generation: int, primary: tuple, backup: tuple, review_at: int, panic: bool,
+                 factors: dict | None = None):
         self.generation, self.primary, self.backup = generation, primary, backup
         self.primary_members, self.backup_members = tuple(set(primary)), tuple(set(backup))
         self.review_at, self.panic = review_at, panic
+        self.factors = factors or {}
+        self.weights = {backend: backend.spec.weight * self.factors.get(backend, 1.0)
+                        for backend in (*self.primary_members, *self.backup_members)}
+        self.groups = tuple(
+            (cycle, members, operator.itemgetter(*(b.slot for b in members), 0),
+             None if len({self.weights[b] for b in members}) == 1 else tuple(self.weights[b] for b in members),
+             tuple(map({b: index for index, b in enumerate(members)}.__getitem__, cycle)))
+            for cycle, members in ((primary, self.primary_members), (backup, self.backup_members)) if members)
+        self.rings = ()
+        self.cookies: dict = {}
+        self.pinnable: frozenset = frozenset()
 
 
 class RoundRobin:
-    """Strict rotation over the available upstreams, weighted and with backups; the one place that
-    picks. The n-th pick takes ``cycle[n % len(cycle)]`` from one ``itertools.count``: ``next()``
-    is one C call, atomic under the GIL, so threads never see the same number and each cycle's
-    worth of picks follows the cycle exactly. The cycle is rebuilt (copy on write) only when the
-    shared state changes generation or an ejection ends, so a pick is O(1) and takes no lock."""
+    """The one place that picks. Round robin by default: strict rotation over the available
+    upstreams, weighted and with backups. The n-th pick takes ``cycle[n % len(cycle)]`` from one
+    ``itertools.count``: ``next()`` is one C call, atomic under the GIL, so threads never see the
+    same number and each cycle's worth of picks follows the cycle exactly. The cycle is rebuilt
+    (copy on write) only when the shared state changes generation, an ejection ends, or a slow
+    start takes its next step, so a pick is O(1) and takes no lock.
+
+    The other policies read the request (least connections, hash, a sticky cookie): for those,
+    route() makes a Route per request: its pick() reads the sticky cookie, then the ring
+    (on_ring) or the counts in flight (least_loaded), or falls back on round robin."""
 
     def __init__(self, shared: SharedState, config: Config, stats: WorkerStats | None = None):
         self.shared, self.config, self.stats = shared, config, stats
@@ -2283,7 +2619,23 @@ class RoundRobin:
         self._lock = threading.Lock()
         self._entries: list = []
         self._panic = False
+        self._rings: dict = {}            # the backends of a ring -> its points, for this backend set
+        self._sticky_key = b""
         self._rotation = Rotation(-1, (), (), 0, False)
+        self.worker = stats.index if stats is not None else 0
+        self.counting = config.balance == "leastconn"   # requests in flight counted (SharedState.acquire)
+        self.sticky_name = config.sticky_cookie.encode() if config.sticky_cookie else None
+        self.sticky_prefix = self.sticky_name + b"=" if self.sticky_name else None
+        # (kind, what to look for): a header's lowercase name, a cookie's "name=".
+        kind, _, name = config.hash_key.partition(":")
+        self.hash_source = (kind, name.lower().encode() if kind == "header" else name.encode() + b"=") \
+            if config.balance == "hash" else None
+        self.routes = config.balance != "roundrobin" or self.sticky_name is not None
+        # Sticky hits and re-picks: one atomic C call a request (no lock), written into the
+        # worker's block by publish_counts, after what the block held (a worker started again).
+        self.sticky_hits, self.sticky_repicks = itertools.count(), itertools.count()
+        self._counted_before = (stats.counters[P_STICKY_HITS], stats.counters[P_STICKY_REPICKS]) \
+            if stats is not None else (0, 0)
         self.refresh()
 
     def follow(self) -> None:
@@ -2291,6 +2643,14 @@ class RoundRobin:
         effect on idle connections should not wait for traffic (who calls: service_actions)."""
         if self._rotation.generation != self.shared.header[H_GENERATION]:
             self.refresh()
+
+    def current(self) -> Rotation:
+        """The rotation as of the shared state now (pick() reads it the same way, inline)."""
+        rotation = self._rotation
+        if rotation.generation != self._header[H_GENERATION] or (
+                rotation.review_at and monotonic_us() >= rotation.review_at):
+            rotation = self.refresh()
+        return rotation
 
     def pick(self, exclude=()) -> Backend | None:
         rotation = self._rotation
@@ -2312,6 +2672,72 @@ class RoundRobin:
                     return backend
         return None
 
+    # -- policies that read the request ---------------------------------------------------------
+
+    def route(self, request: Request, client_ip: bytes, secure: bool) -> Route:
+        """A request's Route (who calls: ProxyHandler.proxy, when `routes`). The balancer's sticky
+        cookie is taken out of the request here: it goes no further (HAProxy's "indirect")."""
+        values = key = None
+        if self.sticky_prefix is not None:
+            values, request.fields = take_cookie(request.fields, self.sticky_prefix)
+        if self.hash_source is not None:
+            kind, name = self.hash_source
+            if kind == "client-ip":
+                key = client_ip
+            elif kind == "uri":
+                key = request.target
+            elif kind == "header":
+                key = field_value(request.fields, name)
+            else:
+                found = take_cookie(request.fields, name)[0]
+                key = found[0] if found else None
+            # None, or empty: round robin (HAProxy's rule for a missing hdr()).
+            key = ring_hash(key) if key else None
+        return Route(self, secure, values, key)
+
+    def least_loaded(self, rotation: Rotation, exclude, loads) -> Backend | None:
+        """nginx's least_conn: the fewest requests in flight (tunnels included) for its weight;
+        ties in weighted round-robin order, so an idle pool still rotates. Backups only when no
+        primary may take the request. `loads`: SharedState.loads. (Written in whole-list steps:
+        a pick runs a request.)"""
+        for cycle, members, slots, weights, positions in rotation.groups:
+            scores = loads(slots)[:-1]  # the getter's last count is slot 0's
+            if weights is not None:
+                scores = list(map(operator.truediv, scores, weights))
+            if exclude:
+                scores = [math.inf if backend in exclude else score for backend, score in zip(members, scores)]
+            best = min(scores)
+            if best == math.inf:
+                continue  # every one of them was tried: the backups' turn
+            ties = scores.count(best)
+            if ties == 1:
+                return members[scores.index(best)]
+            size = len(cycle)
+            if ties == len(scores):
+                return cycle[next(self._counter) % size]
+            for _ in range(size):  # every member is in the cycle: found within one turn
+                index = next(self._counter) % size
+                if scores[positions[index]] == best:
+                    return cycle[index]
+        return None
+
+    @staticmethod
+    def on_ring(rotation: Rotation, key: int, exclude) -> Backend | None:
+        """The owner of the first point at or after `key` on the primaries' ring that is not
+        excluded (then on the backups' ring)."""
+        for points, owners, members in rotation.rings:
+            if not points or all(member in exclude for member in members):
+                continue
+            size = len(points)
+            start = bisect.bisect_left(points, key)
+            for step in range(size):
+                backend = owners[(start + step) % size]
+                if backend not in exclude:
+                    return backend
+        return None
+
+    # -- the snapshot -------------------------------------------------------------------------
+
     @property
     def panic(self) -> bool:
         return self._rotation.panic
@@ -2319,7 +2745,7 @@ class RoundRobin:
     def refresh(self) -> Rotation:
         """Rebuild the rotation from the shared state (called by pick() when it changed)."""
         with self._lock:
-            shared = self.shared
+            shared, config = self.shared, self.config
             generation = shared.header[H_GENERATION]  # read first: a later change is seen next pick
             entries = shared.backend_set()
             if entries != self._entries:
@@ -2328,8 +2754,13 @@ class RoundRobin:
             states = {slot: shared.routing_state(slot, now) for slot in self.backends}
             up = [b for slot, b in self.backends.items() if states[slot] == "up"]
             ejected = [b for slot, b in self.backends.items() if states[slot] == "ejected"]
-            primary = smooth_weighted_cycle([b for b in up if not b.spec.backup])
-            backup = smooth_weighted_cycle([b for b in up if b.spec.backup])
+            factors = {}
+            for backend in up if config.slow_start else ():
+                factor = slow_start_factor(shared, backend.slot, config.slow_start, now)
+                if factor is not None:
+                    factors[backend] = factor
+            primary = ramped_cycle([b for b in up if not b.spec.backup], factors)
+            backup = ramped_cycle([b for b in up if b.spec.backup], factors)
             panic = panic_mode(states.values())
             if panic:
                 # Envoy's panic threshold: with every upstream out only by passive ejection, a 503
@@ -2345,9 +2776,46 @@ class RoundRobin:
                 backend.maint = states[slot] == "maint"
                 if backend.maint:
                     backend.pool.close_idle()  # maint: out at once, idle connections closed
-            review_at = min((shared.get(b.slot, S_EJECTED_UNTIL) for b in ejected), default=0)
-            self._rotation = Rotation(generation, primary, backup, review_at, panic)
-            return self._rotation
+            reviews = [shared.get(b.slot, S_EJECTED_UNTIL) for b in ejected]
+            if factors:  # the ramp's next step
+                reviews.append(now + int(max(config.slow_start / SLOW_START_STEPS, 0.05) * 1e6))
+            draining = [b for slot, b in self.backends.items() if states[slot] == "drain"
+                        and shared.get(slot, S_HEALTH) != 2] if self.sticky_name else []
+            reviews += [until for until in (shared.get(b.slot, S_EJECTED_UNTIL) for b in draining) if until > now]
+            rotation = Rotation(generation, primary, backup, min(reviews, default=0), panic, factors)
+            if self.hash_source is not None:
+                rotation.rings = tuple(self._ring(rotation, backup) for backup in (False, True))
+            if self.sticky_name is not None:
+                self._sticky_cookies(rotation, [b for b in draining if shared.get(b.slot, S_EJECTED_UNTIL) <= now])
+            self._rotation = rotation
+            return rotation
+
+    def _ring(self, rotation: Rotation, backup: bool) -> tuple:
+        """(points, owners, members) of the primaries' or the backups' ring in `rotation`: the
+        ring of every such upstream in the set, whatever its state (cached until the set changes),
+        less the points of those that may not take a request now."""
+        group = tuple(b for b in self.backends.values() if b.spec.backup == backup)
+        ring = self._rings.get(group)
+        if ring is None:
+            ring = self._rings[group] = hash_ring(group)
+        members = rotation.backup_members if backup else rotation.primary_members
+        available = set(members)
+        kept = [(point, owner) for point, owner in ring if owner in available]
+        return [point for point, _ in kept], [owner for _, owner in kept], members
+
+    def _sticky_cookies(self, rotation: Rotation, draining: list) -> None:
+        key = self.shared.sticky_key()
+        if not key:
+            return  # the owner has not published it yet: no cookie is set or honoured
+        if key != self._sticky_key:
+            self._sticky_key = key
+            for backend in self.backends.values():
+                backend.sticky_value = None
+        for backend in self.backends.values():
+            if backend.sticky_value is None:
+                backend.sticky_value = sticky_cookie_value(key, backend.name)
+        rotation.cookies = {backend.sticky_value: backend for backend in self.backends.values()}
+        rotation.pinnable = frozenset((*rotation.primary_members, *rotation.backup_members, *draining))
 
     def _adopt(self, entries: list) -> None:
         """Take a new backend set: new slots get a Backend, changed ones their new settings (the
@@ -2370,6 +2838,16 @@ class RoundRobin:
             if slot not in current:
                 backend.pool.close()
         self.backends, self._entries = current, entries
+        self._rings = {}
+
+    def publish_counts(self) -> None:
+        """Sticky hits and re-picks into the worker's block (who calls: publish_gauges, a few
+        times a second and before a one-process balancer's /status)."""
+        if self.stats is not None and self.sticky_name is not None:
+            hits, repicks = self._counted_before
+            counters = self.stats.counters
+            counters[P_STICKY_HITS] = hits + steps_taken(self.sticky_hits)
+            counters[P_STICKY_REPICKS] = repicks + steps_taken(self.sticky_repicks)
 
     def retry_after(self) -> int:
         """Seconds until an upstream may be back, for Retry-After on a 503."""
@@ -2378,6 +2856,82 @@ class RoundRobin:
                    if until > now]
         wait = (min(pending) - now) / 1e6 if pending else self.config.health_interval
         return max(1, math.ceil(wait))
+
+
+def steps_taken(counter: itertools.count) -> int:
+    """How far an itertools.count(0) has counted, read without a step (its repr is "count(N)")."""
+    return int(repr(counter)[6:-1])
+
+
+class Route:
+    """One request's way through a policy that reads the request (made by RoundRobin.route, only
+    when the policy needs it: plain round robin goes without). pick() once a try; answered() once,
+    for the upstream whose response goes to the client; end() when the request, or its tunnel,
+    is over. With leastconn it holds one count in flight (SharedState.acquire) from the pick to
+    the end, moved to the next upstream on a retry."""
+
+    __slots__ = ("balancer", "secure", "values", "key", "pinned", "counted")
+
+    def __init__(self, balancer: RoundRobin, secure: bool, values: list | None, key: int | None):
+        self.balancer, self.secure = balancer, secure
+        self.values = values       # the sticky cookie's values the client sent (None: no sticky)
+        self.key = key             # the hash of the request's --hash-key (None: it has none)
+        self.pinned = None         # the upstream its sticky cookie names, at the last pick
+        self.counted = None        # the slot where this request is counted in flight
+
+    def pick(self, tried) -> Backend | None:
+        balancer = self.balancer
+        rotation = balancer.current()
+        pinned = None
+        if self.values:
+            # The upstream the cookie names, while it may take the request: up, or draining
+            # (HAProxy's drain: no new sessions, the existing ones go on), and not tried yet. A
+            # value that names none of the set (forged, from another key, removed by a reload)
+            # is no error: the request is balanced anew.
+            cookies, pinnable = rotation.cookies, rotation.pinnable
+            for value in self.values:
+                backend = cookies.get(value)
+                if backend is not None and backend in pinnable and backend not in tried:
+                    pinned = backend
+                    break
+            self.pinned = pinned
+        if balancer.counting:
+            shared = balancer.shared
+            if self.counted is not None:  # a retry: the failed try is in flight no more
+                shared.release(balancer.worker, self.counted)
+                self.counted = None
+            if pinned is None:
+                backend = shared.acquire(balancer.worker, balancer.least_loaded, rotation, tried)
+            else:
+                backend = shared.acquire(balancer.worker, lambda loads: pinned)
+            if backend is not None:
+                self.counted = backend.slot
+            return backend
+        if pinned is not None:
+            return pinned
+        if self.key is not None:
+            return balancer.on_ring(rotation, self.key, tried)
+        return balancer.pick(tried)
+
+    def answered(self, backend: Backend, head: ResponseHead) -> None:
+        """`backend`'s response goes to the client: a client not pinned to it gets the cookie that
+        pins it, added to the response's fields (a new client, or one whose upstream was out)."""
+        if self.values is None:
+            return
+        if backend is self.pinned:
+            next(self.balancer.sticky_hits)
+            return
+        if backend.sticky_value is None:
+            return  # no key yet (the owner publishes it before the first request)
+        if self.values:
+            next(self.balancer.sticky_repicks)
+        head.fields.append((b"set-cookie", b"Set-Cookie: %s%s; Path=/; HttpOnly; SameSite=Lax%s" % (
+            self.balancer.sticky_prefix, backend.sticky_value, b"; Secure" if self.secure else b"")))
+
+    def end(self) -> None:
+        if self.counted is not None:
+            self.balancer.shared.release(self.balancer.worker, self.counted)
+            self.counted = None
 
 
 # ===================================================================================================
@@ -3063,6 +3617,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.requests_seen = 0
         self.received_total = self.sent_total = 0  # bytes of ended requests, both ways
         self.in_flight_base = None    # the upstream record of the try in flight, if any
+        self.route: Route | None = None  # the request's Route, when the policy reads requests
         self.gated = False            # holds a place in the server's FairGate
         self.started = time.monotonic()
         self.command = self.path = self.request_version = ""
@@ -3164,6 +3719,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.received_total = self.rfile.raw.received
             self.sent_total += self.sent
             self.in_flight_base = None
+            if self.route is not None:
+                self.route = self.route.end()  # None; a count in flight is released
             self.idle_since = time.monotonic()
             self.busy = False  # no lock: at worst make_room() passes over a connection just idle
             if self.evicted:
@@ -3212,10 +3769,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.continue_sent = False
         body = b"" if request.framing == NO_BODY else self.arrived_body(request)
         balancer, transport = self.server.balancer, self.server.transport
+        route = self.route = balancer.route(request, self.client_ip, self.stream.tls) if balancer.routes else None
         tried: list[Backend] = []
         failure = None
         while True:
-            backend = balancer.pick(tried)
+            backend = balancer.pick(tried) if route is None else route.pick(tried)
             if backend is None:
                 break
             self.in_flight_base = backend.stats_base  # in flight there until the request ends
@@ -3235,6 +3793,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 break
             if backend.has_failures():
                 self.server.shared.record_success(backend.slot)
+            if route is not None:
+                route.answered(backend, exchange.head)  # a sticky cookie's Set-Cookie
             if exchange.head.status == 101:
                 self.tunnel(exchange, request)
             else:
@@ -3898,6 +4458,7 @@ class ProxyServer(Listener):
                 counters[base + U_IN_FLIGHT] = in_flight[base]
             self.gauged = set(in_flight)
             counters[P_RECEIVED], counters[P_SENT] = received, sent
+        self.balancer.publish_counts()
 
     def wake_drainer(self) -> None:
         with self.lock:
@@ -4528,6 +5089,8 @@ function fill(tr, b, s, now) {
   c.wt.hidden = w === 1 || w === undefined || w === null; put(c.wt, "weight " + w);
   c.rs.hidden = !b.resolved; put(c.rs, b.resolved ? "resolved " + String(b.resolved).slice(17, 25) : "");
   c.rs.title = b.resolved ? `${b.backend}: looked up ${b.resolved}` : "";
+  c.ss.hidden = typeof b.slow_start !== "number";
+  if (!c.ss.hidden) put(c.ss, "slow start " + Math.round(100 * b.slow_start) + "%");
   c.state.setAttribute("data-state", st); put(c.badge, st);
   const sub = [b.health === "unchecked" ? "no checks" : b.health ? "health " + b.health : "", b.admin || "",
     b.ejected ? "ejected" : ""].filter(Boolean);
@@ -4559,9 +5122,19 @@ function fill(tr, b, s, now) {
   }
 }
 
+// Same text as the server's _dashboard_policy().
+function policy(st) {
+  const s = st.sticky && typeof st.sticky === "object" ? st.sticky : null;
+  return String(st.balance || "roundrobin") + (st.hash_key ? " " + st.hash_key : "") +
+    (s ? " · sticky " + s.cookie : "") + (num(st.slow_start_seconds) ? " · slow start " + st.slow_start_seconds + "s" : "");
+}
+
 function render(st) {
   const now = clock(st), backends = Array.isArray(st.backends) ? st.backends : [];
   put($("version"), st.version || "?"); put($("pid"), st.pid ?? "?"); put($("listen"), st.listen || "");
+  put($("policy"), policy(st));
+  const sk = st.sticky && typeof st.sticky === "object" ? st.sticky : null;
+  $("policy").title = sk ? `sticky cookie ${sk.cookie}: ${num(sk.hits)} hits, ${num(sk.repicks)} re-picks` : "";
   put($("uptime"), dur(num(st.uptime_seconds)));
   $("panic").hidden = !st.panic;
 
@@ -4747,6 +5320,7 @@ DASHBOARD_PAGE = string.Template("""<!DOCTYPE html>
 <circle cx="20" cy="5" r="1.5"/><circle cx="20" cy="12" r="1.5"/><circle cx="20" cy="19" r="1.5"/></svg>
 Load balancer</h1>
 <div class="meta"><span class="mono" id="listen">$listen</span><span>version <b id="version">$version</b></span>
+<span>balance <b id="policy" title="$policy_title">$policy</b></span>
 <span>pid <b id="pid">$pid</b></span><span>up <b id="uptime">$uptime</b></span></div>
 <div id="live" class="live" role="status" aria-live="polite"><i></i><span id="live-text">Snapshot</span>
 <span id="updated" class="mute">$rendered</span></div>
@@ -4886,6 +5460,7 @@ def _dashboard_row(backend: dict) -> str:
     requests = _dashboard_number(backend.get("requests"))
     latency = backend.get("latency_ms") if isinstance(backend.get("latency_ms"), dict) else {}
     share = f"{100 * error_count / requests:.1f}%" if requests else ""
+    ramp = backend.get("slow_start") if isinstance(backend.get("slow_start"), (int, float)) else None
     hide = ' hidden'
     key = f' data-backend="{e(name)}"' if backend else ""
     state_attribute = f' data-state="{e(state)}"' if backend else ""
@@ -4895,7 +5470,8 @@ def _dashboard_row(backend: dict) -> str:
         f'<span class="bk tag"{"" if backend.get("backup") else hide}>backup</span>'
         f'<span class="wt tag"{hide if weight in (1, None) else ""}>weight {e(str(weight))}</span>'
         f'<span class="rs tag"{"" if resolved else hide} title="{e(looked_up)}">'
-        f'{e("resolved " + resolved[17:25]) if resolved else ""}</span></span></td>'
+        f'{e("resolved " + resolved[17:25]) if resolved else ""}</span>'
+        f'<span class="ss tag"{"" if ramp is not None else hide}>slow start {round(100 * (ramp or 0))}%</span></span></td>'
         f'<td class="state"{state_attribute}><span class="badge">{e(state)}</span>'
         f'<span class="adm sub">{e(" · ".join(filter(None, sub)))}</span></td>'
         f'<td class="reason"><span class="why">{e(str(backend.get("reason") or ""))}</span>'
@@ -4909,6 +5485,16 @@ def _dashboard_row(backend: dict) -> str:
         f'<td class="idle num">{_dashboard_number(backend.get("idle_connections"))}</td>'
         f'<td class="hist js"></td><td class="act js"></td></tr>'
     )
+
+
+def _dashboard_policy(status: dict) -> str:
+    """How upstreams are chosen, in one line: "hash header:X-User · sticky lb · slow start 30s"."""
+    sticky = status.get("sticky") if isinstance(status.get("sticky"), dict) else None
+    slow = _dashboard_number(status.get("slow_start_seconds"))
+    return (str(status.get("balance") or "roundrobin") +
+            (f" {status['hash_key']}" if status.get("hash_key") else "") +
+            (f" \u00b7 sticky {sticky.get('cookie')}" if sticky else "") +
+            (f" \u00b7 slow start {slow:g}s" if slow else ""))
 
 
 def render_dashboard(status: dict) -> str:
@@ -4938,11 +5524,15 @@ def render_dashboard(status: dict) -> str:
                     f'<b>{counts[s]}</b> {s}</span>' for s in counts)
     listen = str(status.get("listen") or "")
     pid = status.get("pid")
+    sticky = status.get("sticky") if isinstance(status.get("sticky"), dict) else None
     return DASHBOARD_PAGE.substitute(
         title=e(("\u25bc %d down \u00b7 " % counts["down"] if counts["down"] else "") + "Load balancer " + listen),
         css=DASHBOARD_CSS,
         js=DASHBOARD_JS,
         listen=e(listen),
+        policy=e(_dashboard_policy(status)),
+        policy_title=e(f"sticky cookie {sticky.get('cookie')}: {n(sticky.get('hits'))} hits, "
+                       f"{n(sticky.get('repicks'))} re-picks" if sticky else ""),
         version=e(str(status.get("version") or "?")),
         pid=e(str(pid if pid is not None else "?")),
         uptime=_dashboard_duration(status.get("uptime_seconds")),
@@ -5029,6 +5619,8 @@ class Control:
         self.stopped = threading.Event()
         self.threads: list = []
         self.before_reading = None          # one process: the worker's publish_gauges, for exact gauges
+        if config.sticky_cookie:
+            shared.publish_sticky_key(sticky_cookie_key(config))
         self.apply(config)
         self.admin = self.redirect = None
         if config.admin_port is not None:
@@ -5067,6 +5659,8 @@ class Control:
                 old = before.get(spec.name)
                 if old is None or old.url != spec.url:
                     self.shared.reset(slot, "not checked yet" if config.health_interval else "no active checks")
+                    if before:  # added by a reload: slow start (not at start-up, when all are new)
+                        self.shared.start_ramp(slot)
                 entries.append((slot, text, spec.address))
                 current.append((slot, spec))
             self.shared.publish(entries)
@@ -5215,6 +5809,9 @@ class Control:
             own[P_RESPONSES], own[P_IN_FLIGHT] = responses, in_flight
             per_worker.append(own)
             process = list(map(operator.add, process, own))
+        if self.config.balance == "leastconn":  # counted exactly as it happens: that count is shown
+            for slot in slots:
+                per_slot[slot][U_IN_FLIGHT] = self.shared.in_flight(slot)
         return process, per_slot, per_worker
 
     def sample(self) -> None:
@@ -5263,6 +5860,8 @@ class Control:
             states.append(routing)
             reason, since = self.shared.explained(slot, now_us)
             lookup = self.names.get(spec.backend) if spec.address else None
+            factor = slow_start_factor(self.shared, slot, self.config.slow_start, now_us) \
+                if routing == "up" else None
             backends.append({
                 "name": spec.name, "url": spec.url, "weight": spec.weight, "backup": spec.backup,
                 "backend": spec.backend, "address": spec.address,
@@ -5280,6 +5879,7 @@ class Control:
                 "retries": record[U_RETRIES],
                 "in_flight": record[U_IN_FLIGHT],
                 "idle_connections": record[U_IDLE],
+                "slow_start": None if factor is None else round(factor, 3),
                 "consecutive_failures": self.shared.get(slot, S_CONSECUTIVE_FAILURES),
                 "ejections": self.shared.get(slot, S_EJECTIONS),
                 "latency_ms": self.latency(slot, record[U_HISTOGRAM:U_LATENCY_SUM]),
@@ -5310,6 +5910,11 @@ class Control:
             "bytes_received": process[P_RECEIVED],
             "bytes_sent": process[P_SENT],
             "panic": panic_mode(states),
+            "balance": self.config.balance,
+            "hash_key": self.config.hash_key if self.config.balance == "hash" else None,
+            "sticky": {"cookie": self.config.sticky_cookie, "hits": process[P_STICKY_HITS],
+                       "repicks": process[P_STICKY_REPICKS]} if self.config.sticky_cookie else None,
+            "slow_start_seconds": self.config.slow_start,
             "workers": [{"index": index, "pid": own[P_PID], "connections": own[P_CONNECTIONS],
                          "requests": own[P_RESPONSES], "restarts": own[P_RESTARTS]}
                         for index, own in enumerate(per_worker)],
@@ -5403,6 +6008,13 @@ class Control:
             out.family(name, kind, help_text)
             for slot, spec, record in upstreams:
                 out.sample(name, spec.weight if index is None else record[index], upstream=spec.name)
+        out.family("lb_upstream_slow_start_factor", "gauge", "The share of its weight an upstream "
+                   "gets while it ramps up after coming back (--slow-start); 1 otherwise.")
+        for (slot, spec, _), current in zip(upstreams, states):
+            factor = slow_start_factor(self.shared, slot, self.config.slow_start, now_us) \
+                if current == "up" else None
+            out.sample("lb_upstream_slow_start_factor", 1 if factor is None else round(factor, 3),
+                       upstream=spec.name)
         for name, kind, index, help_text in PROCESS_METRICS:
             out.family(name, kind, help_text)
             out.sample(name, process[index])
@@ -5410,6 +6022,11 @@ class Control:
                    "upgrades), by direction.")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_UP], direction="client_to_upstream")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_DOWN], direction="upstream_to_client")
+        out.family("lb_balance_info", "gauge", "How upstreams are chosen: --balance, --hash-key (with "
+                   "hash) and --sticky-cookie (\"\": none).")
+        out.sample("lb_balance_info", 1, policy=self.config.balance,
+                   hash_key=self.config.hash_key if self.config.balance == "hash" else "",
+                   sticky_cookie=self.config.sticky_cookie or "")
         names = list(self.names.items())
         out.family("lb_name_addresses", "gauge", "Addresses a backend's host name resolves to (the "
                    "last known ones while look-ups fail).")
@@ -5462,7 +6079,8 @@ CLASS_LABELS = ("1xx", "2xx", "3xx", "4xx", "5xx")
 CODE_CLASS = [STATUS_CODES[i] // 100 - 1 if i < len(STATUS_CODES) else i - len(STATUS_CODES)
               for i in range(N_CODES)]
 UPSTREAM_GAUGES = (
-    ("lb_upstream_in_flight", "gauge", U_IN_FLIGHT, "Requests at an upstream now."),
+    ("lb_upstream_in_flight", "gauge", U_IN_FLIGHT, "Requests at an upstream now (tunnels included; "
+     "exact across workers with --balance leastconn)."),
     ("lb_upstream_idle_connections", "gauge", U_IDLE, "Idle keep-alive connections to an upstream."),
     ("lb_upstream_weight", "gauge", None, "An upstream's weight in the rotation."),
 )
@@ -5475,6 +6093,10 @@ PROCESS_METRICS = (
     ("lb_received_bytes_total", "counter", P_RECEIVED, "Bytes of requests received from clients."),
     ("lb_sent_bytes_total", "counter", P_SENT, "Bytes of responses sent to clients."),
     ("lb_worker_restarts_total", "counter", P_RESTARTS, "Workers started again after one died."),
+    ("lb_sticky_hits_total", "counter", P_STICKY_HITS, "Requests that went to the upstream their "
+     "sticky cookie named."),
+    ("lb_sticky_repicks_total", "counter", P_STICKY_REPICKS, "Requests whose sticky cookie named an "
+     "upstream that could not take them (or none): sent elsewhere, with a new cookie."),
 )
 
 
@@ -5934,6 +6556,7 @@ class WorkerProcess:
             os.set_inheritable(fd, True)
         settings = {item.name: getattr(config, item.name) for item in Config.settings()}
         settings["backends_file"] = None  # the supervisor owns the backend set
+        settings["sticky_key"] = None     # and the sticky cookie's key (in the shared block)
         self.process = subprocess.Popen(
             [sys.executable, "-c", WORKER_COMMAND, os.path.dirname(os.path.abspath(__file__)),
              "--worker-process", ",".join(map(str, (index, config.workers, *fds)))],
@@ -6392,7 +7015,7 @@ def _nginx_maps(config: Config) -> list[str]:
         f"    \"\" {_nginx_word(host)};",
         "    default $http_host;",
         "}",
-    ] + _nginx_request_id_map(config) + _nginx_trusted_maps(config)
+    ] + _nginx_request_id_map(config) + _nginx_trusted_maps(config) + _nginx_sticky_map(config)
 
 
 def _nginx_trusted_maps(config: Config) -> list[str]:
@@ -6474,12 +7097,113 @@ def _nginx_request_id_map(config: Config) -> list[str]:
     ]
 
 
+def _nginx_sticky_map(config: Config) -> list[str]:
+    """The variables the upstream block's hash reads: --hash-key's and --sticky-cookie's (see
+    _nginx_balancing), where nginx has none built in."""
+    lines = []
+    if config.balance == "hash":
+        lines += _nginx_key(config.hash_key, "$lb_hash_key")[1]
+    if config.sticky_cookie:
+        variable, maps = _nginx_key("cookie:" + config.sticky_cookie, "$lb_sticky_cookie")
+        fallback = _nginx_sticky_fallback(config)
+        lines += maps + [
+            f"# --sticky-cookie {config.sticky_cookie}: its value where the request has one, else {fallback}.",
+            f"map {variable} $lb_sticky_key {{",
+            f"    \"\" {fallback};",
+            f"    default {variable};",
+            "}",
+        ]
+    return lines
+
+
+# --hash-key -> the nginx variable it hashes.
+NGINX_HASH_KEYS = {"client-ip": "$remote_addr", "uri": "$request_uri"}
+NGINX_VARIABLE_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _nginx_key(key: str, variable: str) -> tuple[str | None, list[str]]:
+    """The nginx variable that holds a --hash-key (``cookie:NAME`` for a sticky cookie too), and
+    the map that makes it, named `variable`, where nginx has none: $remote_addr, $request_uri,
+    $http_NAME, $cookie_NAME, or a map of $http_cookie for a cookie whose name is no variable
+    name (nginx's take letters, digits and "_"). (None, []) for a header nginx cannot name."""
+    kind, _, name = key.partition(":")
+    if kind == "header":
+        return ("$http_" + name.lower().replace("-", "_"), []) if re.fullmatch(r"[A-Za-z0-9-]+", name) \
+            else (None, [])
+    if kind != "cookie":
+        return NGINX_HASH_KEYS[key], []
+    if NGINX_VARIABLE_NAME.fullmatch(name):
+        return "$cookie_" + name, []
+    pattern = _nginx_word(r"~(?:^|;)\s*" + re.escape(name) + r"=(?<lb_cookie>[^;]*)")
+    return variable, [f"# The cookie {name}: its name is no nginx variable name, so it is read from Cookie.",
+                      f"map $http_cookie {variable} {{", f"    {pattern} $lb_cookie;",
+                      "    default \"\";", "}"]
+
+
+def _nginx_sticky_fallback(config: Config) -> str:
+    """What a request without the sticky cookie is hashed by: the hash key, or $request_id (a
+    random spread, nginx's nearest to round robin under a hash)."""
+    if config.balance == "hash":
+        return _nginx_key(config.hash_key, "$lb_hash_key")[0] or "$request_id"
+    return "$request_id"
+
+
+def _nginx_balancing(config: Config, specs: tuple) -> tuple[list[str], bool]:
+    """The upstream block's balancing method (nginx wants it before keepalive): (lines, whether
+    backup servers may stay: not under hash, which nginx refuses them with)."""
+    lines, hashing = [], False
+    if config.balance == "leastconn":
+        lines += ["    # --balance leastconn: the fewest active connections for its weight, ties in weighted",
+                  "    # round-robin order (load_balancer counts requests in flight and open tunnels).",
+                  "    least_conn;"]
+    elif config.balance == "hash":
+        variable, _ = _nginx_key(config.hash_key, "$lb_hash_key")
+        lines += [f"    # --balance hash --hash-key {config.hash_key}: consistent hashing, points by weight."]
+        if variable is None:
+            lines += [f"    # load_balancer: nginx cannot name the header {config.hash_key[7:]} in a variable "
+                      "(letters, digits and",
+                      "    # \"-\" only): round robin here."]
+        else:
+            hashing = True
+            lines += ["    # load_balancer: a request without the key goes round robin; nginx hashes the empty",
+                      "    # value, so every such request goes to one upstream."]
+            if not config.sticky_cookie:
+                lines.append(f"    hash {variable} consistent;")
+    if config.sticky_cookie:
+        hashing = True
+        name = config.sticky_cookie
+        lines += [
+            f"    # --sticky-cookie {name}: load_balancer sets the cookie itself (an HMAC of the upstream's",
+            "    # name). load_balancer: open source nginx cannot insert a cookie (nginx Plus: sticky",
+            f"    # cookie {name}); here a request carrying {name} is pinned by hashing its value, so the",
+            f"    # application must set {name} (or hash its own session cookie: --hash-key cookie:NAME).",
+            f"    # Requests without it are hashed by {_nginx_sticky_fallback(config)} "
+            "($lb_sticky_key, in the maps above).",
+        ]
+        if config.balance != "roundrobin":
+            lines = [line for line in lines if line != "    least_conn;"]
+            lines.append(f"    # load_balancer: one balancing method per upstream block: this hash replaces "
+                         f"--balance {config.balance}'s.")
+        lines.append("    hash $lb_sticky_key consistent;")
+    if config.slow_start:
+        lines += [f"    # load_balancer: --slow-start {format_default(config.slow_start)} is nginx Plus's "
+                  f"\"server ... slow_start={_export_time(config.slow_start)}\";",
+                  "    # open source nginx has no slow start."]
+    if hashing and any(spec.backup for spec in specs) and not all(spec.backup for spec in specs):
+        lines += ["    # load_balancer: nginx's hash takes no backup servers: the backups are left out",
+                  "    # (commented below)."]
+    return lines, not hashing
+
+
 def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
-    """The upstream block: servers with weights, backups and passive health; keep-alive pool."""
-    lines = [
-        "# Smooth weighted round robin (nginx's default), over the primaries; the backups take the",
-        "# requests only while every primary is down or has failed.",
-    ]
+    """The upstream block: balancing method, servers with weights, backups and passive health;
+    keep-alive pool."""
+    policy = {"roundrobin": "Smooth weighted round robin (nginx's default)",
+              "leastconn": "Least connections", "hash": "Consistent hashing"}[config.balance]
+    balancing, backups_allowed = _nginx_balancing(config, specs)
+    lines = [f"# {policy}, over the primaries; the backups take the",
+             "# requests only while every primary is down or has failed."] if backups_allowed else [
+             f"# {'Consistent hashing' if config.sticky_cookie else policy} (backups: see below)."]
     if all(spec.backup for spec in specs):
         lines += ["# Every upstream is a backup: load_balancer rotates over them as over primaries; nginx",
                   "# needs a primary, so here they are primaries."]
@@ -6510,14 +7234,15 @@ def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
         ]
     lines += ["upstream load_balancer {",
               "    # Shared memory: one rotation and one failure count for all worker processes.",
-              f"    zone load_balancer {64 + 4 * len(specs)}k;"]
+              f"    zone load_balancer {64 + 4 * len(specs)}k;", *balancing]
     every_backup = all(spec.backup for spec in specs)
     for spec in specs:
         weight = f" weight={spec.weight}" if spec.weight != 1 else ""
         backup = " backup" if spec.backup and not every_backup else ""
         default_name = spec.netloc if spec.name == spec.netloc else f"{spec.netloc}:{spec.port}"
         name = "" if spec.name in (spec.netloc, default_name) else f"  # {spec.name}"
-        lines.append(f"    server {_export_server_address(spec, 'nginx')}{weight}{passive}{backup};{name}")
+        line = f"server {_export_server_address(spec, 'nginx')}{weight}{passive}{backup};{name}"
+        lines.append(("    # " if backup and not backups_allowed else "    ") + line)
     for spec in specs:
         if spec.send_proxy:
             option = "send-proxy-v2" if spec.send_proxy == 2 else "send-proxy"
@@ -7081,14 +7806,49 @@ def _haproxy_access_log(config: Config) -> list[str]:
     return lines + [f"    log-format {formats[style]}"]
 
 
+# --hash-key -> HAProxy's balance algorithm. "uri whole": with the query, as load_balancer hashes it.
+HAPROXY_HASH_KEYS = {"client-ip": "source", "uri": "uri whole"}
+
+
+def _haproxy_balancing(config: Config, names: list[str]) -> tuple[list[str], list[str]]:
+    """The backend's balance, hash-type and cookie lines, and each server's cookie option."""
+    lines = []
+    if config.balance == "leastconn":
+        lines += ["    # --balance leastconn: the fewest connections for its weight, ties in round robin.",
+                  "    balance leastconn"]
+    elif config.balance == "hash":
+        kind, _, name = config.hash_key.partition(":")
+        algorithm = {"header": f"hdr({name})", "cookie": f"hash req.cook({name})"}.get(
+            kind, HAPROXY_HASH_KEYS.get(config.hash_key))
+        lines += [f"    # --balance hash --hash-key {config.hash_key}: consistent hashing, points by weight; a",
+                  "    # request without the key goes round robin, in both."]
+        if kind == "cookie":
+            lines.append("    # (balance hash <expression>: HAProxy 2.6 or later.)")
+        lines += [f"    balance {algorithm}", "    hash-type consistent"]
+    else:
+        lines += ["    # Weighted round robin.", "    balance roundrobin"]
+    lines += ["    # The backups, all of them in rotation, when no primary is up.", "    option allbackups"]
+    cookies = [""] * len(names)
+    if config.sticky_cookie:
+        attributes = "nocache httponly" + (" secure" if config.tls_cert else "")
+        lines += [
+            f"    # --sticky-cookie {config.sticky_cookie}: a response to a client without a valid one sets it, "
+            "and it is",
+            "    # not passed on to the servers (indirect); a client whose server is down or in",
+            "    # maintenance is balanced anew, one whose server drains stays. nocache: HAProxy also",
+            "    # marks such a response Cache-Control: private.",
+            "    # load_balancer: its values are an HMAC of the upstream's name under --sticky-key, which",
+            "    # nobody can choose; here they are written below (by position), and a client may choose.",
+            f"    cookie {_haproxy_word(config.sticky_cookie)} insert indirect {attributes} attr SameSite=Lax",
+        ]
+        cookies = [f" cookie s{index}" for index in range(1, len(names) + 1)]
+    return lines, cookies
+
+
 def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str]:
-    """The upstreams: round robin, backups, retry safety, health, keep-alive pool, TLS."""
-    lines = [
-        "backend upstreams",
-        "    # Weighted round robin; the backups, all of them in rotation, when no primary is up.",
-        "    balance roundrobin",
-        "    option allbackups",
-    ]
+    """The upstreams: balancing, backups, retry safety, health, keep-alive pool, TLS."""
+    balancing, cookies = _haproxy_balancing(config, names)
+    lines = ["backend upstreams", *balancing]
     if any(spec.backup for spec in specs) and not all(spec.backup for spec in specs):
         lines += ["    # load_balancer: a request that every primary failed goes on to a backup at once;",
                   "    # HAProxy turns to the backups only when the primaries are marked down (health",
@@ -7129,6 +7889,14 @@ def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str
     if config.pool_size:
         lines.append(f"    # --pool-size {config.pool_size}: idle connections kept per server.")
         options.append(f"pool-max-conn {config.pool_size}")
+    if config.slow_start:
+        lines += [f"    # --slow-start {format_default(config.slow_start)}: a server that comes back ramps up "
+                  "over that time (HAProxy from",
+                  "    # near 0, load_balancer from a tenth of its weight; HAProxy's hash-type map-based would",
+                  "    # ignore it, consistent does not)."]
+        if not config.health_interval:
+            lines.append("    # load_balancer: HAProxy starts a ramp only after a check saw the server fail.")
+        options.append(f"slowstart {_export_time(config.slow_start)}")
     if options:
         lines.append("    default-server " + " ".join(options))
     https = [spec for spec in specs if spec.scheme == "https"]
@@ -7142,8 +7910,8 @@ def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str
         if any(_export_is_ip(spec.host) for spec in https):
             lines += ["    # load_balancer: an https:// upstream addressed by IP: HAProxy matches the IP",
                       "    # against the certificate's DNS names, where Python matches its IP addresses."]
-    for spec, name in zip(specs, names):
-        words = [f"    server {name} {_export_server_address(spec, 'haproxy')}"]
+    for spec, name, cookie in zip(specs, names, cookies):
+        words = [f"    server {name} {_export_server_address(spec, 'haproxy')}{cookie}"]
         if spec.weight != 1:
             words.append(f"weight {spec.weight}")
         if spec.backup:

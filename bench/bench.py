@@ -9,8 +9,10 @@ reporting medians:
     /metrics and /status once a second during its runs (the cost of the admin listener, its sampler
     and the counting, against lb-1w in the same run); and with --baseline FILE, that other
     load_balancer.py as base-1w and base-Nw (given only --host --port --backend --log-level
-    --workers, which every version has). The last column is a same-run ratio: lb-Nw to base-Nw,
-    lb-1w-admin to lb-1w;
+    --workers, which every version has). Each --variant NAME=ARGS is the balancer with more flags
+    (a balancing policy, say) as lb-1w-NAME and lb-Nw-NAME; one that answers with a Set-Cookie
+    (--sticky-cookie) gets it back on every request, as a pinned client sends it. The last column is
+    a same-run ratio: lb-Nw to base-Nw, lb-1w-admin to lb-1w, lb-Nw-NAME to lb-Nw;
   * large bodies (--big): 8 MiB GET responses and 8 MiB POST uploads at conc 1 and 8: MB/s, plus
     each balancer's peak RSS during that series (VmHWM summed over the process and its children);
   * idle connections (--idle N): N keep-alive connections parked on the balancer, its RSS, then one
@@ -46,6 +48,7 @@ import platform
 import re
 import resource
 import shutil
+import shlex
 import signal
 import socket
 import statistics
@@ -295,6 +298,19 @@ def parse_wrk(out):
         "p99": parse_duration_ms(number(r"\s99%\s+(\S+)") or ""),
         "errors": errors,
     }
+
+
+def first_cookie(port):
+    """The name=value of the Set-Cookie in the answer to GET / (None without one)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=ADMIN_TIMEOUT)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        response.read()
+        cookie = response.getheader("Set-Cookie")
+    finally:
+        conn.close()
+    return cookie.split(";", 1)[0] if cookie else None
 
 
 def run_wrk(port, conc, secs, path="/", script=None, scheme="http", headers=()):
@@ -859,8 +875,18 @@ def parse_args(argv):
                     help="WebSocket echo series: 64-byte messages over 1 and 32 sockets, 1 MiB over 1 and 8")
     ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=shutil.which("openssl") is not None,
                     help="HTTPS series, against nginx where installed; the default is on where `openssl` is on PATH")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="the balancer with more flags, in the small-request series beside lb-1w and "
+                         "lb-Nw (repeatable), e.g. 'leastconn=--balance leastconn'")
     ap.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     args = ap.parse_args(argv)
+    variants = []
+    for text in args.variant:
+        name, equals, flags = text.partition("=")
+        if not equals or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            ap.error(f"--variant takes NAME=ARGS with a NAME of letters, digits, '_', '.' or '-', got {text!r}")
+        variants.append((name, shlex.split(flags)))
+    args.variant = variants
     args.workers = list(dict.fromkeys(w.strip() for w in args.workers.split(",") if w.strip() not in ("", "1")))
     if args.secs < 1 or args.rounds < 1:
         ap.error("--secs and --rounds must be positive")
@@ -888,6 +914,8 @@ class Targets:
         self.pids = {}         # balancer target -> pid
         self.refs = {}         # target -> the target it is compared with in the same run
         self.admin_port = None
+        self.small_only = {"lb-1w-admin"}  # targets of the small-request series only
+        self.headers = {}      # port -> headers wrk sends there (a variant's sticky cookie)
 
 
 def start_targets(fleet, args):
@@ -912,6 +940,17 @@ def start_targets(fleet, args):
         proc = fleet.start(f"lb-{w}w", balancer_argv(args.lb, port, ports, workers), port)
         if proc:
             t.ports[f"lb-{w}w"], t.pids[f"lb-{w}w"] = port, proc.pid
+        for name, flags in args.variant:
+            target = f"lb-{w}w-{name}"
+            port, = free_ports(1)
+            proc = fleet.start(target, balancer_argv(args.lb, port, ports, [*workers, *flags]), port)
+            if proc:
+                t.ports[target], t.pids[target] = port, proc.pid
+                t.refs[target] = f"lb-{w}w"
+                t.small_only.add(target)
+                cookie = first_cookie(port)
+                if cookie:
+                    t.headers[port] = [f"Cookie: {cookie}"]
         if w == "1":
             port, admin_port = free_ports(2)
             proc = fleet.start("lb-1w-admin", balancer_argv(args.lb, port, ports, ["--admin-port", str(admin_port)]),
@@ -925,7 +964,7 @@ def start_targets(fleet, args):
 
 def run_ws_series(args, t):
     """The WebSocket echo series: direct, lb-1w, lb-Nw (and the baseline where it tunnels)."""
-    names = ["direct"] + [n for n in t.ports if n.startswith("lb-") and n != "lb-1w-admin"]
+    names = ["direct"] + [n for n in t.ports if n.startswith("lb-") and n not in t.small_only]
     for name in [n for n in t.ports if n.startswith("base-")]:
         problem = asyncio.run(ws_probe(t.ports[name]))
         if problem:
@@ -1014,7 +1053,7 @@ def run_benchmark(args, fleet, tmp):
         print("# no balancer started; measuring direct only", file=sys.stderr)
 
     def wrk_point(port, conc, path, script):
-        return run_wrk(port, conc, args.secs, path, script)
+        return run_wrk(port, conc, args.secs, path, script, headers=t.headers.get(port, ()))
 
     scraper = AdminScraper(t.admin_port) if t.admin_port else None
     around = {"lb-1w-admin": scraper.running} if scraper else {}
@@ -1034,9 +1073,17 @@ def run_benchmark(args, fleet, tmp):
                       "(the project's limit at 32: about 3%)")
         report["admin_scrapes"] = s
 
-    # The other series leave lb-1w-admin out: it measures the small requests' counting.
-    ports = {n: p for n, p in t.ports.items() if n != "lb-1w-admin"}
-    pids = {n: p for n, p in t.pids.items() if n != "lb-1w-admin"}
+    for name, _ in args.variant:
+        for conc, by_target in small["GET /"].items():
+            for w in ["1"] + args.workers:
+                ref, variant = by_target.get(f"lb-{w}w", {}), by_target.get(f"lb-{w}w-{name}", {})
+                if ref.get("rps") and variant.get("rps"):
+                    print(f"variant {name} at {conc} connections, {w} worker(s): {variant['rps'] / ref['rps']:.3f}x "
+                          f"of lb-{w}w's req/s in the same rounds")
+
+    # The other series leave lb-1w-admin and the variants out: they measure the small requests.
+    ports = {n: p for n, p in t.ports.items() if n not in t.small_only}
+    pids = {n: p for n, p in t.pids.items() if n not in t.small_only}
 
     if args.big:
         upload_lua = Path(tmp) / "upload.lua"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import compileall
 import glob
+import http.client
+import json
 import os
 import re
 import shutil
@@ -661,6 +663,32 @@ def cli():
     yield make
     for p in made:
         p.kill()
+
+
+def admin_status(admin_port: int) -> dict:
+    """GET /status on an admin listener, as JSON."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=SOCKET_TIMEOUT)
+    try:
+        conn.request("GET", "/status")
+        response = conn.getresponse()
+        assert response.status == 200, response.status
+        return json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def admin_post(admin_port: int, name: str, action: str) -> dict:
+    """POST /backends/<name>/<action> (drain, maint, ready) on an admin listener: the backend's
+    /status entry after it."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=SOCKET_TIMEOUT)
+    try:
+        conn.request("POST", f"/backends/{name}/{action}")
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200, (response.status, body)
+        return json.loads(body)
+    finally:
+        conn.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
