@@ -3955,8 +3955,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         tried: list[Backend] = []
         failure = None
         while True:
-            backend = balancer.pick(tried) if route is None else route.pick(tried)
-            if backend is None and route is not None and route.must_wait(tried):
+            # While requests queue, a new one goes behind them (a slot freed is theirs: no barging).
+            queue_first = route is not None and not tried and balancer.queue.waiting
+            backend = None if queue_first else balancer.pick(tried) if route is None else route.pick(tried)
+            if backend is None and route is not None and (queue_first or route.must_wait(tried)):
                 backend = self.wait_in_queue(route, tried, request.framing != NO_BODY and body is None)
                 if backend is None:
                     return  # answered 503
