@@ -7,7 +7,9 @@
 - --queue-size exceeded: 503 at once;
 - --workers 2, maxconn=2 on each of 2 upstreams, 12 concurrent slow requests: no upstream ever
   sees more than 2 at once, and all 12 complete;
-- the option's parsing and its export (HAProxy maxconn and timeout queue, nginx max_conns).
+- a reload that raises a cap serves the queued request (not dropped), under the new cap;
+- the option's parsing and its export (HAProxy maxconn and timeout queue, nginx max_conns), which
+  haproxy -c and nginx -t accept.
 The queue's counters are checked on /status and /metrics along the way.
 """
 
@@ -19,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SLACK, SOCKET_TIMEOUT, RawClient, default_handler, get, lb, wait_until
+from conftest import (PEERS, SLACK, SOCKET_TIMEOUT, RawClient, check_file, default_handler, get, lb,
+                      require_program, wait_until)
 
 REQUEST = b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -215,3 +218,40 @@ def test_maxconn_option_parsing_and_export():
     nginx = lb.export_config(config, "nginx")
     assert "server 127.0.0.1:9000 max_conns=3 " in nginx
     assert "nginx Plus" in nginx
+
+
+def test_a_reload_keeps_the_queue_and_applies_the_new_cap(upstreams, balancer, tmp_path):
+    hold = HeldUpstreams()
+    up, = upstreams(1, hold)
+    backends = tmp_path / "backends.txt"
+    backends.write_text(f"{up.url},maxconn=1\n")
+    b = balancer([], backends_file=str(backends))
+    clients = [RawClient(b.port) for _ in range(3)]
+    try:
+        clients[0].send(REQUEST)
+        assert wait_until(lambda: held(hold, up.port) == 1)
+        clients[1].send(REQUEST)
+        clients[2].send(REQUEST)
+        assert wait_until(lambda: queue_length(b) == 2)
+        backends.write_text(f"{up.url},maxconn=2\n")
+        b.reload()
+        # The new cap lets one more in (the head of the queue), not two.
+        assert wait_until(lambda: held(hold, up.port) == 2 and queue_length(b) == 1)
+        assert b.status()["backends"][0]["maxconn"] == 2
+        hold.release_all()
+        assert [client.response().status for client in clients] == [200, 200, 200]
+        assert hold.most == {up.port: 2}
+    finally:
+        hold.release_all()
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.parametrize("target", PEERS)
+def test_peer_accepts_the_exported_caps(target, tmp_path):
+    require_program(target)
+    config = lb.Config(backends=("http://127.0.0.1:9000,maxconn=3", "http://127.0.0.1:9001,maxconn=1,backup"),
+                       queue_timeout=2.5, balance="leastconn")
+    result = check_file(target, lb.export_config(config, target), tmp_path)
+    output = result.stderr + result.stdout
+    assert result.returncode == 0 and not (target == "haproxy" and "WARNING" in output), output
