@@ -3094,7 +3094,10 @@ class RequestQueue:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            head = self.waiting and self.waiting[0] is waiter  # a hint, read without the mutex
+            try:
+                head = self.waiting[0] is waiter  # a hint, read without the mutex
+            except IndexError:
+                head = False
             if waiter.event.wait(min(remaining, QUEUE_RECHECK_SECONDS if head else QUEUE_WATCH_SECONDS)):
                 break
             if gone():
