@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import (PEERS, SLACK, SOCKET_TIMEOUT, RawClient, check_file, default_handler, get, lb,
+from conftest import (PEERS, SLACK, SOCKET_TIMEOUT, RawClient, admin_status, check_file, default_handler, get, lb,
                       require_program, wait_until)
 
 REQUEST = b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -200,6 +200,10 @@ def test_two_workers_never_exceed_the_cap_and_all_complete(upstreams, cli, tmp_p
     assert statuses == [200] * 12
     assert hold.most == {a.port: 2, c.port: 2}
     assert len(a.requests) + len(c.requests) == 12
+    status = admin_status(p.admin_port)
+    # 12 connections on two SO_REUSEPORT listeners: both workers served (all on one: 2 in 4096)
+    assert all(worker["requests"] for worker in status["workers"]), status["workers"]
+    assert status["queue"]["queued_total"] >= 12 - 4
 
 
 def test_maxconn_option_parsing_and_export():
