@@ -135,6 +135,7 @@ MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # Linux: EPIPE instead of SIGPIPE, whoever embeds us
 SEND_NOW_FLAGS = int(MSG_DONTWAIT | MSG_NOSIGNAL)   # an int: "|" on the socket module's flags is an enum call
 TCP_INFO = getattr(socket, "TCP_INFO", 0)  # Linux: struct tcp_info, see is_reusable
+POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer closed its side (see Stream.peer_gone)
 TCP_ESTABLISHED = 1              # tcpi_state's value for an open connection (the struct's first byte)
 TCP_INFO_LENGTH = 136            # struct tcp_info up to tcpi_bytes_received (Linux 4.1+) ...
 TCPI_BYTES_RECEIVED = slice(128, 136)  # ... a u64 at offset 128
@@ -156,6 +157,12 @@ ADMIN_MAX_LINE = 65536           # http.server's own request-line limit, kept fo
 ADMIN_MAX_BODY = 65536           # an admin POST's body (none is needed) is read and dropped up to this
 REDIRECT_MAX_LINE = 8192         # the redirect listener's request line (nginx's default buffer)
 HEALTH_MAX_BODY = 65536          # of a health check's answer, read so that the connection ends cleanly
+# A queued request (see RequestQueue) is woken at once by a release in its own worker; releases in
+# other workers are seen by the head of the queue re-reading the shared counts this often, and every
+# waiter looks at its client this often (a client that went away leaves the queue).
+QUEUE_RECHECK_SECONDS = 0.005
+QUEUE_WATCH_SECONDS = 0.05
+MAX_MAXCONN = 100_000            # a backend's maxconn=N
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
 
 
@@ -303,7 +310,7 @@ class Config:
 
     backends: tuple = setting(
         tuple(SERVER_URLS), "upstream URL (http://, https:// or unix:/path.sock)[,weight=N][,backup]"
-        "[,name=NAME], repeatable; replaces "
+        "[,name=NAME][,maxconn=N], repeatable; replaces "
         f"SERVER_URLS ({', '.join(SERVER_URLS)})", flag="--backend", metavar="BACKEND", reload=True)
     backends_file: str | None = setting(
         None, "file with one backend per line (same syntax, # comments)", metavar="FILE", reload=True)
@@ -328,6 +335,12 @@ class Config:
         group="upstream side", type=float, check=non_negative, metavar="SECONDS")
     backend_ca: str | None = setting(None, "CA bundle that verifies https:// upstreams (default: the "
                                      "system's trust store)", group="upstream side", metavar="FILE")
+    # HAProxy's queue: a request that finds every upstream at its maxconn waits in the balancer.
+    queue_timeout: float = setting(30.0, "seconds a request may wait in the queue when every upstream "
+                                   "is at its maxconn (503 after; HAProxy timeout queue)",
+                                   group="upstream side", type=float, check=positive, metavar="SECONDS")
+    queue_size: int = setting(1024, "requests that may wait in the queue, per worker (503 at once "
+                              "beyond)", group="upstream side", type=int, check=at_least_one)
     # Client side. nginx: client_header_timeout 60s, client_body_timeout 60s, keepalive_timeout 75s.
     header_timeout: float = setting(10.0, "seconds for a new connection's first byte (and TLS "
                                     "handshake), and for a whole request head (408 after)",
@@ -508,7 +521,7 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """One upstream as configured: ``URL[,weight=N][,backup][,name=NAME]``, where URL may also be
+    """One upstream as configured: ``URL[,weight=N][,backup][,name=NAME][,maxconn=N]``, where URL may also be
     ``unix:/path/to/app.sock`` (HTTP over a Unix socket: nginx's ``server unix:``)."""
 
     url: str
@@ -522,6 +535,7 @@ class BackendSpec:
     unix_path: str | None = None  # a unix: upstream's socket
     send_proxy: int = 0           # PROXY protocol version sent first on each connection (0: none)
     address: str | None = None    # the address a host name resolved to (name: NAME@ADDRESS)
+    maxconn: int = 0              # requests in flight at most, every worker's (0: no cap)
 
     @property
     def backend(self) -> str:
@@ -585,9 +599,9 @@ def parse_unix_backend(text: str, url: str, options: list) -> BackendSpec:
 
 
 def parse_backend_options(text: str, options: list, name: str) -> dict:
-    """``weight=N``, ``backup``, ``name=NAME``, ``send-proxy``, ``send-proxy-v2`` (HAProxy's names)
-    after a backend's address, with `name` the default."""
-    values = {"weight": 1, "backup": False, "name": name, "send_proxy": 0}
+    """``weight=N``, ``backup``, ``name=NAME``, ``send-proxy``, ``send-proxy-v2``, ``maxconn=N``
+    (HAProxy's names) after a backend's address, with `name` the default."""
+    values = {"weight": 1, "backup": False, "name": name, "send_proxy": 0, "maxconn": 0}
     for option in options:
         key, equals, value = option.partition("=")
         if key == "backup" and not equals:
@@ -600,13 +614,17 @@ def parse_backend_options(text: str, options: list, name: str) -> dict:
             if not value.isdigit() or not 1 <= int(value) <= MAX_WEIGHT:
                 raise ValueError(f"invalid backend {text!r}: weight must be 1-{MAX_WEIGHT}, got {value!r}")
             values["weight"] = int(value)
+        elif key == "maxconn" and equals:
+            if not value.isdigit() or not 1 <= int(value) <= MAX_MAXCONN:
+                raise ValueError(f"invalid backend {text!r}: maxconn must be 1-{MAX_MAXCONN}, got {value!r}")
+            values["maxconn"] = int(value)
         elif key == "name" and equals:
             if not BACKEND_NAME.fullmatch(value):
                 raise ValueError(f"invalid backend {text!r}: a name is 1-100 of A-Z a-z 0-9 . _ : ~ - [ ]")
             values["name"] = value
         else:
             raise ValueError(f"invalid backend {text!r}: unknown option {option!r} "
-                             "(known: weight=N, backup, name=NAME, send-proxy, send-proxy-v2)")
+                             "(known: weight=N, backup, name=NAME, send-proxy, send-proxy-v2, maxconn=N)")
     return values
 
 
@@ -1682,6 +1700,17 @@ class Stream:
         """Is there something to read (bytes, or the end) without waiting?"""
         return bool(unread(self.reader)) or self.readable_now()
 
+    def peer_gone(self) -> bool:
+        """Has the peer closed its side or reset the connection (bytes it sent before do not
+        count)? Linux's POLLRDHUP says it without reading, under TLS too; elsewhere False (a
+        client that left is then found when its answer is written). nginx's check of a broken
+        client connection also takes a half-close for a close."""
+        if not POLLRDHUP:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, POLLRDHUP)
+        return bool(poller.poll(0))
+
     def write_watching(self, data, check_answer, timeout: float) -> None:
         """Write all of `data`, waiting for room as long as `timeout` allows, calling
         `check_answer()` (which raises EarlyResponse) whenever the peer has something to read: an
@@ -1959,7 +1988,11 @@ LAPSED_EJECTION = "back in rotation: its fail timeout passed"
 (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP, P_TUNNEL_BYTES_DOWN,
  P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED, P_STICKY_HITS, P_STICKY_REPICKS) = range(12)
 P_IN_FLIGHT, P_RESPONSES = 14, 15  # derived (Control.counters), never written by a worker
-PROCESS_INTS = 16
+# The queue (RequestQueue): its length now, requests that waited, that timed out waiting, that
+# found it full; the time they waited (microseconds) and its histogram over LATENCY_BOUNDS (+Inf).
+(P_QUEUE_LENGTH, P_QUEUED, P_QUEUE_TIMEOUTS, P_QUEUE_FULL, P_QUEUE_WAIT_SUM) = range(16, 21)
+P_QUEUE_HISTOGRAM = 21
+PROCESS_INTS = P_QUEUE_HISTOGRAM + len(LATENCY_BOUNDS) + 1
 U_CODES = 0
 U_HISTOGRAM = U_CODES + len(METHODS) * N_CODES
 U_LATENCY_SUM = U_HISTOGRAM + len(LATENCY_BOUNDS) + 1   # microseconds
@@ -2099,7 +2132,7 @@ class SharedState:
         """A worker's process is gone (who calls: supervise, before it starts the next one): what
         it had open is gone, what it counted stays, and it counts as a restart."""
         counters = self.workers[index]
-        for gauge in (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN):
+        for gauge in (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_QUEUE_LENGTH):
             counters[gauge] = 0
         for slot in range(MAX_UPSTREAMS + 1):
             base = stats_base(slot)
@@ -2387,6 +2420,15 @@ class WorkerStats:
         """An upstream failed after its answer began (it broke off the body)."""
         self.add(base + U_ERRORS + ERROR_KINDS.index(kind))
 
+    def queued(self, seconds: float, timed_out: bool) -> None:
+        """A request left the queue after `seconds`: with a slot, or (`timed_out`) without."""
+        counters = self.counters
+        with self.lock:
+            counters[P_QUEUED] += 1
+            counters[P_QUEUE_TIMEOUTS] += timed_out
+            counters[P_QUEUE_WAIT_SUM] += int(seconds * 1e6)
+            counters[P_QUEUE_HISTOGRAM + bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+
     def response(self, base: int, method: bytes, status: int, seconds: float) -> None:
         """A response head goes to the client (counted before it is sent, so a client that has its
         answer and then scrapes /metrics finds it counted), and with it the try that got it;
@@ -2579,7 +2621,8 @@ class Rotation:
     there are some (the getter also takes slot 0, so that one member still gives a tuple)."""
 
     __slots__ = ("generation", "primary", "backup", "primary_members", "backup_members",
-                 "review_at", "panic", "factors", "weights", "groups", "rings", "cookies", "pinnable")
+                 "review_at", "panic", "factors", "weights", "groups", "rings", "cookies", "pinnable",
+                 "caps")
 
     def __init__(self, generation: int, primary: tuple, backup: tuple, review_at: int, panic: bool,
                  factors: dict | None = None):
@@ -2597,6 +2640,10 @@ class Rotation:
         self.rings = ()
         self.cookies: dict = {}
         self.pinnable: frozenset = frozenset()
+        # (members with a maxconn, a getter of their slots and slot 0's, their caps), or None.
+        capped = tuple(b for b in (*self.primary_members, *self.backup_members) if b.spec.maxconn)
+        self.caps = (capped, operator.itemgetter(*(b.slot for b in capped), 0),
+                     tuple(b.spec.maxconn for b in capped)) if capped else None
 
 
 class RoundRobin:
@@ -2623,14 +2670,19 @@ class RoundRobin:
         self._sticky_key = b""
         self._rotation = Rotation(-1, (), (), 0, False)
         self.worker = stats.index if stats is not None else 0
-        self.counting = config.balance == "leastconn"   # requests in flight counted (SharedState.acquire)
+        # Requests in flight counted (SharedState.acquire): for leastconn, and where an upstream has a
+        # maxconn (refresh() decides, as a reload may add or remove caps).
+        self.counting = config.balance == "leastconn"
+        self.capped = False               # some upstream of the set has a maxconn
+        self.queue = RequestQueue(config, stats)
         self.sticky_name = config.sticky_cookie.encode() if config.sticky_cookie else None
         self.sticky_prefix = self.sticky_name + b"=" if self.sticky_name else None
         # (kind, what to look for): a header's lowercase name, a cookie's "name=".
         kind, _, name = config.hash_key.partition(":")
         self.hash_source = (kind, name.lower().encode() if kind == "header" else name.encode() + b"=") \
             if config.balance == "hash" else None
-        self.routes = config.balance != "roundrobin" or self.sticky_name is not None
+        self.reads_requests = config.balance != "roundrobin" or self.sticky_name is not None
+        self.routes = self.reads_requests  # a Route per request (also wherever a cap counts them)
         # Sticky hits and re-picks: one atomic C call a request (no lock), written into the
         # worker's block by publish_counts, after what the block held (a worker started again).
         self.sticky_hits, self.sticky_repicks = itertools.count(), itertools.count()
@@ -2721,6 +2773,34 @@ class RoundRobin:
                     return cycle[index]
         return None
 
+    def under_cap(self, rotation: Rotation, tried, key: int | None, loads) -> Backend | None:
+        """The policy's pick among the upstreams below their maxconn (HAProxy's maxconn): None
+        when every one that may take the request is at its cap. Backups stay for primaries that
+        are out or tried, not for busy ones (HAProxy queues rather than use a backup)."""
+        exclude = tried
+        caps = rotation.caps
+        if caps is not None:
+            capped, slots, limits = caps
+            full = [b for b, count, limit in zip(capped, loads(slots), limits) if count >= limit]
+            if full:
+                exclude = [*tried, *full]
+            if rotation.backup_members and any(b not in tried for b in rotation.primary_members):
+                exclude = [*exclude, *rotation.backup_members]
+        if self.config.balance == "leastconn":
+            return self.least_loaded(rotation, exclude, loads)
+        if key is not None:
+            return self.on_ring(rotation, key, exclude)
+        return self.pick(exclude)
+
+    def pinned_or_under_cap(self, rotation: Rotation, pinned: Backend, tried, key: int | None,
+                            loads) -> Backend | None:
+        """The upstream a sticky cookie names while it is below its maxconn; at its cap, the request
+        is balanced anew (and its client pinned to where it goes: HAProxy's option redispatch)."""
+        cap = pinned.spec.maxconn
+        if not cap or self.shared.in_flight(pinned.slot) < cap:
+            return pinned
+        return self.under_cap(rotation, tried, key, loads)
+
     @staticmethod
     def on_ring(rotation: Rotation, key: int, exclude) -> Backend | None:
         """The owner of the first point at or after `key` on the primaries' ring that is not
@@ -2750,6 +2830,9 @@ class RoundRobin:
             entries = shared.backend_set()
             if entries != self._entries:
                 self._adopt(entries)
+                self.capped = any(backend.spec.maxconn for backend in self.backends.values())
+                self.counting = config.balance == "leastconn" or self.capped
+                self.routes = self.reads_requests or self.capped
             now = monotonic_us()
             states = {slot: shared.routing_state(slot, now) for slot in self.backends}
             up = [b for slot, b in self.backends.items() if states[slot] == "up"]
@@ -2900,7 +2983,13 @@ class Route:
             if self.counted is not None:  # a retry: the failed try is in flight no more
                 shared.release(balancer.worker, self.counted)
                 self.counted = None
-            if pinned is None:
+            if balancer.capped:
+                if pinned is None:
+                    backend = shared.acquire(balancer.worker, balancer.under_cap, rotation, tried, self.key)
+                else:
+                    backend = shared.acquire(balancer.worker, balancer.pinned_or_under_cap, rotation, pinned,
+                                             tried, self.key)
+            elif pinned is None:
                 backend = shared.acquire(balancer.worker, balancer.least_loaded, rotation, tried)
             else:
                 backend = shared.acquire(balancer.worker, lambda loads: pinned)
@@ -2928,10 +3017,106 @@ class Route:
         head.fields.append((b"set-cookie", b"Set-Cookie: %s%s; Path=/; HttpOnly; SameSite=Lax%s" % (
             self.balancer.sticky_prefix, backend.sticky_value, b"; Secure" if self.secure else b"")))
 
+    def must_wait(self, tried) -> bool:
+        """pick() found nothing, and only because of caps: some upstream that may take the request
+        (up, not tried) is at its maxconn. The request waits in the queue."""
+        rotation = self.balancer.current()
+        return rotation.caps is not None and any(
+            b not in tried for b in (*rotation.primary_members, *rotation.backup_members))
+
     def end(self) -> None:
         if self.counted is not None:
-            self.balancer.shared.release(self.balancer.worker, self.counted)
+            balancer = self.balancer
+            balancer.shared.release(balancer.worker, self.counted)
             self.counted = None
+            if balancer.queue.waiting:
+                balancer.queue.offer()  # the freed slot goes to the head of the queue, now
+
+
+class Waiter:
+    """A request in the queue: `take()` picks and counts its upstream (Route.pick), `backend` is
+    what it got, `event` wakes it."""
+
+    __slots__ = ("take", "backend", "event")
+
+    def __init__(self, take):
+        self.take, self.backend, self.event = take, None, threading.Event()
+
+
+class RequestQueue:
+    """HAProxy's backend queue, one per worker: requests that found every upstream that may take
+    them at its maxconn wait here, first come first served, and each goes to the first upstream
+    that frees a slot (not necessarily the one round robin would have named). offer() hands free
+    slots to the waiters in order, from the head, until one cannot take any: a release in this
+    worker calls it at once (Route.end); releases in other workers are seen by the head re-reading
+    the shared counts every QUEUE_RECHECK_SECONDS. Bounded by --queue-size, each wait by
+    --queue-timeout. Costs nothing where no upstream has a cap: nobody ever waits."""
+
+    def __init__(self, config: Config, stats: WorkerStats | None):
+        self.size, self.timeout, self.stats = config.queue_size, config.queue_timeout, stats
+        self.waiting: collections.deque = collections.deque()
+        self.mutex = threading.Lock()
+
+    def _gauge(self) -> None:
+        if self.stats is not None:
+            self.stats.counters[P_QUEUE_LENGTH] = len(self.waiting)
+
+    def offer(self) -> None:
+        with self.mutex:
+            while self.waiting:
+                waiter = self.waiting[0]
+                backend = waiter.take()
+                if backend is None:
+                    break
+                self.waiting.popleft()
+                waiter.backend = backend
+                waiter.event.set()
+            self._gauge()
+
+    def wait(self, take, gone) -> Backend | str:
+        """Wait for `take()` to return an upstream: that upstream, or the one-line reason of a 503
+        (the queue full, or --queue-timeout over). ClientError when `gone()` says the client
+        went away: it leaves the queue at once, and nothing is sent upstream."""
+        waiter = Waiter(take)
+        with self.mutex:
+            if len(self.waiting) >= self.size:
+                if self.stats is not None:
+                    self.stats.add(P_QUEUE_FULL)
+                return (f"the queue is full: {self.size} requests wait for an upstream below its "
+                        "maxconn (--queue-size)")
+            self.waiting.append(waiter)
+            self._gauge()
+        started = time.monotonic()
+        deadline = started + self.timeout
+        self.offer()  # a slot may have been freed between the pick and now
+        left = False
+        while waiter.backend is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                head = self.waiting[0] is waiter  # a hint, read without the mutex
+            except IndexError:
+                head = False
+            if waiter.event.wait(min(remaining, QUEUE_RECHECK_SECONDS if head else QUEUE_WATCH_SECONDS)):
+                break
+            if gone():
+                left = True
+                break
+            if head:
+                self.offer()  # what other workers released
+        with self.mutex:
+            if waiter.backend is None:  # else offer() gave it a slot just now: it goes
+                self.waiting.remove(waiter)
+                self._gauge()
+        if self.stats is not None:
+            self.stats.queued(time.monotonic() - started, timed_out=waiter.backend is None and not left)
+        if waiter.backend is not None:
+            return waiter.backend
+        if left:
+            raise ClientError()
+        return (f"waited {self.timeout:g}s in the queue: every upstream is at its maxconn "
+                "(--queue-timeout)")
 
 
 # ===================================================================================================
@@ -3773,7 +3958,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         tried: list[Backend] = []
         failure = None
         while True:
-            backend = balancer.pick(tried) if route is None else route.pick(tried)
+            # While requests queue, a new one goes behind them (a slot freed is theirs: no barging).
+            queue_first = route is not None and not tried and balancer.queue.waiting
+            backend = None if queue_first else balancer.pick(tried) if route is None else route.pick(tried)
+            if backend is None and route is not None and (queue_first or route.must_wait(tried)):
+                backend = self.wait_in_queue(route, tried, request.framing != NO_BODY and body is None)
+                if backend is None:
+                    return  # answered 503
             if backend is None:
                 break
             self.in_flight_base = backend.stats_base  # in flight there until the request ends
@@ -3807,6 +3998,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         extra=b"Retry-After: %d\r\n" % balancer.retry_after())
         else:
             self.reject(failure.status, failure.detail, close=unread_body, tried=tried[-1])
+
+    def wait_in_queue(self, route: Route, tried: list, unread_body: bool) -> Backend | None:
+        """Every upstream that may take the request is at its maxconn: wait in this worker's queue,
+        holding no place in the fair gate, for the first one that frees a slot; None when answered
+        503 instead (the queue full or its timeout over)."""
+        waited = self.outside_gate(self.server.balancer.queue.wait, lambda: route.pick(tried),
+                                   self.stream.peer_gone)
+        if isinstance(waited, str):
+            # Retry-After: 1: the queue is full now, not out of service (a 503 of no upstream says
+            # when one may be back).
+            self.reject(503, waited, close=unread_body, extra=b"Retry-After: 1\r\n")
+            return None
+        if self.stream.peer_gone():  # gone while its slot came: nothing goes upstream
+            raise ClientError()
+        return waited
 
     def upstream_failed(self, backend: Backend, error: UpstreamError) -> None:
         backend.failures.note(f"{self.command} {self.path} -> {backend.label}: {error.detail}", error.kind)
@@ -5150,6 +5356,9 @@ function render(st) {
   put($("t-inflight"), num(st.in_flight)); put($("t-conns"), num(st.connections));
   const tun = st.tunnels || {};
   put($("t-tunnels"), num(tun.open)); put($("t-tunnels-total"), num(tun.total) + " total");
+  const q = st.queue || {};
+  put($("t-queue"), num(q.length));
+  put($("t-queue-sub"), num(q.queued_total) + " waited, " + num(q.timeouts_total) + " timed out");
   put($("t-refused"), ref); put($("t-refused-rate"), rr ? "+" + rate(rr) + "/s now" : "4xx by balancer");
   put($("t-failed"), fail); put($("t-failed-rate"), fr ? "+" + rate(fr) + "/s now" : "5xx by balancer");
   $("tile-refused").classList.toggle("hot", rr > 0); $("tile-failed").classList.toggle("bad", fr > 0);
@@ -5341,6 +5550,7 @@ id="token-cancel">Cancel</button></form>
 <div class="tile"><h3>In flight</h3><b id="t-inflight">$in_flight</b><small>requests</small></div>
 <div class="tile"><h3>Connections</h3><b id="t-conns">$connections</b><small>from clients</small></div>
 <div class="tile"><h3>Open tunnels</h3><b id="t-tunnels">$tunnels</b><small id="t-tunnels-total">$tunnels_total total</small></div>
+<div class="tile" id="tile-queue"><h3>Queued</h3><b id="t-queue">$queue_length</b><small id="t-queue-sub">$queue_sub</small></div>
 <div class="tile" id="tile-refused"><h3>Refused</h3><b id="t-refused">$refused</b><small id="t-refused-rate">4xx by balancer</small></div>
 <div class="tile" id="tile-failed"><h3>Failed</h3><b id="t-failed">$failed</b><small id="t-failed-rate">5xx by balancer</small></div>
 <div class="tile"><h3>Uptime</h3><b id="t-uptime">$uptime</b><small id="t-started" title="$started">since $started</small></div>
@@ -5525,6 +5735,7 @@ def render_dashboard(status: dict) -> str:
     listen = str(status.get("listen") or "")
     pid = status.get("pid")
     sticky = status.get("sticky") if isinstance(status.get("sticky"), dict) else None
+    queue = status.get("queue") if isinstance(status.get("queue"), dict) else {}
     return DASHBOARD_PAGE.substitute(
         title=e(("\u25bc %d down \u00b7 " % counts["down"] if counts["down"] else "") + "Load balancer " + listen),
         css=DASHBOARD_CSS,
@@ -5542,6 +5753,8 @@ def render_dashboard(status: dict) -> str:
         requests=n(status.get("requests_total")),
         rps=_dashboard_rate(status.get("history")),
         in_flight=n(status.get("in_flight")),
+        queue_length=n(queue.get("length")),
+        queue_sub=e(f"{n(queue.get('queued_total'))} waited, {n(queue.get('timeouts_total'))} timed out"),
         connections=n(status.get("connections")),
         tunnels=n(tunnels.get("open")),
         tunnels_total=n(tunnels.get("total")),
@@ -5809,7 +6022,8 @@ class Control:
             own[P_RESPONSES], own[P_IN_FLIGHT] = responses, in_flight
             per_worker.append(own)
             process = list(map(operator.add, process, own))
-        if self.config.balance == "leastconn":  # counted exactly as it happens: that count is shown
+        if self.config.balance == "leastconn" or any(spec.maxconn for _, spec in self.current):
+            # counted exactly as it happens (leastconn, caps): that count is shown
             for slot in slots:
                 per_slot[slot][U_IN_FLIGHT] = self.shared.in_flight(slot)
         return process, per_slot, per_worker
@@ -5864,6 +6078,7 @@ class Control:
                 if routing == "up" else None
             backends.append({
                 "name": spec.name, "url": spec.url, "weight": spec.weight, "backup": spec.backup,
+                "maxconn": spec.maxconn or None,
                 "backend": spec.backend, "address": spec.address,
                 "resolved": http_date_of(lookup.resolved) if lookup else None,
                 "state": shown_state(routing),
@@ -5915,6 +6130,7 @@ class Control:
             "sticky": {"cookie": self.config.sticky_cookie, "hits": process[P_STICKY_HITS],
                        "repicks": process[P_STICKY_REPICKS]} if self.config.sticky_cookie else None,
             "slow_start_seconds": self.config.slow_start,
+            "queue": self.queue_status(process),
             "workers": [{"index": index, "pid": own[P_PID], "connections": own[P_CONNECTIONS],
                          "requests": own[P_RESPONSES], "restarts": own[P_RESTARTS]}
                         for index, own in enumerate(per_worker)],
@@ -5926,6 +6142,15 @@ class Control:
         if history:
             status["history"] = self.history_series()
         return status
+
+    def queue_status(self, process: list) -> dict:
+        """The queue of requests waiting for an upstream below its maxconn, every worker's."""
+        histogram = process[P_QUEUE_HISTOGRAM:P_QUEUE_HISTOGRAM + len(LATENCY_BOUNDS) + 1]
+        return {"length": process[P_QUEUE_LENGTH], "size": self.config.queue_size * self.shared.worker_count,
+                "timeout_seconds": self.config.queue_timeout, "queued_total": process[P_QUEUED],
+                "timeouts_total": process[P_QUEUE_TIMEOUTS], "full_total": process[P_QUEUE_FULL],
+                "wait_seconds_total": round(process[P_QUEUE_WAIT_SUM] / 1e6, 6),
+                "wait_ms": {"p50": quantile(histogram, 0.5), "p99": quantile(histogram, 0.99)}}
 
     def history_series(self) -> dict:
         samples = list(self.history)
@@ -5961,18 +6186,8 @@ class Control:
         out.family("lb_request_duration_seconds", "histogram", "Time from a request's head to its "
                    "response head (time to first byte), by upstream.")
         for slot, record in per_slot.items():
-            histogram = record[U_HISTOGRAM:U_LATENCY_SUM]
-            cumulative, index = 0, 0
-            for bound in EXPORTED_BOUNDS:
-                while index < len(LATENCY_BOUNDS) and LATENCY_BOUNDS[index] <= bound:
-                    cumulative += histogram[index]
-                    index += 1
-                out.sample("lb_request_duration_seconds_bucket", cumulative, upstream=names[slot],
-                           le=format_bound(bound))
-            total = sum(histogram)
-            out.sample("lb_request_duration_seconds_bucket", total, upstream=names[slot], le="+Inf")
-            out.sample("lb_request_duration_seconds_sum", record[U_LATENCY_SUM] / 1e6, upstream=names[slot])
-            out.sample("lb_request_duration_seconds_count", total, upstream=names[slot])
+            out.histogram("lb_request_duration_seconds", record[U_HISTOGRAM:U_LATENCY_SUM],
+                          record[U_LATENCY_SUM] / 1e6, upstream=names[slot])
         upstreams = [(slot, spec, per_slot[slot]) for slot, spec in self.current]
         out.family("lb_upstream_requests_total", "counter", "Requests sent to an upstream (every "
                    "try, retries included).")
@@ -6018,6 +6233,13 @@ class Control:
         for name, kind, index, help_text in PROCESS_METRICS:
             out.family(name, kind, help_text)
             out.sample(name, process[index])
+        out.family("lb_queue_wait_seconds", "histogram", "Time requests waited in the queue for an "
+                   "upstream below its maxconn (those that got one, that timed out, that left).")
+        out.histogram("lb_queue_wait_seconds", process[P_QUEUE_HISTOGRAM:P_QUEUE_HISTOGRAM + len(LATENCY_BOUNDS) + 1],
+                      process[P_QUEUE_WAIT_SUM] / 1e6)
+        out.family("lb_upstream_maxconn", "gauge", "An upstream's maxconn (0: no cap).")
+        for slot, spec, _ in upstreams:
+            out.sample("lb_upstream_maxconn", spec.maxconn, upstream=spec.name)
         out.family("lb_tunnel_bytes_total", "counter", "Bytes through tunnels (WebSocket and other "
                    "upgrades), by direction.")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_UP], direction="client_to_upstream")
@@ -6097,6 +6319,12 @@ PROCESS_METRICS = (
      "sticky cookie named."),
     ("lb_sticky_repicks_total", "counter", P_STICKY_REPICKS, "Requests whose sticky cookie named an "
      "upstream that could not take them (or none): sent elsewhere, with a new cookie."),
+    ("lb_queue_length", "gauge", P_QUEUE_LENGTH, "Requests waiting in the queue now (every upstream "
+     "that may take them at its maxconn)."),
+    ("lb_queue_timeouts_total", "counter", P_QUEUE_TIMEOUTS, "Requests answered 503 after "
+     "--queue-timeout in the queue."),
+    ("lb_queue_full_total", "counter", P_QUEUE_FULL, "Requests answered 503 at once: the queue was "
+     "full (--queue-size)."),
 )
 
 
@@ -6151,6 +6379,19 @@ class MetricsWriter:
             self.lines.append(f"{name}{{{inner}}} {value}")
         else:
             self.lines.append(f"{name} {value}")
+
+    def histogram(self, name: str, histogram: list, total_seconds: float, **labels) -> None:
+        """The samples of a histogram counted over LATENCY_BOUNDS (+Inf), at EXPORTED_BOUNDS."""
+        cumulative, index = 0, 0
+        for bound in EXPORTED_BOUNDS:
+            while index < len(LATENCY_BOUNDS) and LATENCY_BOUNDS[index] <= bound:
+                cumulative += histogram[index]
+                index += 1
+            self.sample(name + "_bucket", cumulative, **labels, le=format_bound(bound))
+        count = sum(histogram)
+        self.sample(name + "_bucket", count, **labels, le="+Inf")
+        self.sample(name + "_sum", total_seconds, **labels)
+        self.sample(name + "_count", count, **labels)
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -7241,8 +7482,15 @@ def _nginx_upstream(config: Config, specs: tuple) -> list[str]:
         backup = " backup" if spec.backup and not every_backup else ""
         default_name = spec.netloc if spec.name == spec.netloc else f"{spec.netloc}:{spec.port}"
         name = "" if spec.name in (spec.netloc, default_name) else f"  # {spec.name}"
-        line = f"server {_export_server_address(spec, 'nginx')}{weight}{passive}{backup};{name}"
+        cap = f" max_conns={spec.maxconn}" if spec.maxconn else ""
+        line = f"server {_export_server_address(spec, 'nginx')}{weight}{cap}{passive}{backup};{name}"
         lines.append(("    # " if backup and not backups_allowed else "    ") + line)
+    if any(spec.maxconn for spec in specs):
+        lines += ["    # maxconn=N: max_conns=N. load_balancer queues a request that finds every server at its",
+                  f"    # cap for --queue-timeout {format_default(config.queue_timeout)}s; open source nginx answers 502 "
+                  "at once (its queue",
+                  "    # directive is nginx Plus's). max_conns counts per worker process unless the zone is shared",
+                  "    # (it is, above)."]
     for spec in specs:
         if spec.send_proxy:
             option = "send-proxy-v2" if spec.send_proxy == 2 else "send-proxy"
@@ -7595,6 +7843,8 @@ def _haproxy_defaults(config: Config, specs: tuple) -> list[str]:
         f"    timeout client {_export_time(config.idle_timeout)}",
         "    # --tunnel-timeout: an upgraded connection (WebSocket) idle; HAProxy tunnels upgrades itself.",
         f"    timeout tunnel {_export_time(config.tunnel_timeout)}",
+        "    # --queue-timeout: a request waits this long for a server below its maxconn, then 503.",
+        f"    timeout queue {_export_time(config.queue_timeout)}",
         "    # Connections kept alive on both sides.",
         "    option http-keep-alive",
         "    # Bytes pass on as they arrive, as load_balancer passes them: without this HAProxy holds",
@@ -7916,6 +8166,8 @@ def _haproxy_backend(config: Config, specs: tuple, names: list[str]) -> list[str
             words.append(f"weight {spec.weight}")
         if spec.backup:
             words.append("backup")
+        if spec.maxconn:
+            words.append(f"maxconn {spec.maxconn}")
         if spec.send_proxy:  # on health checks too (HAProxy's default); such connections are private
             words.append("send-proxy-v2" if spec.send_proxy == 2 else "send-proxy")
         if spec.scheme == "https":
