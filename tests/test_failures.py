@@ -470,7 +470,7 @@ def test_flask_under_gunicorn_refusing_a_10mb_upload_gives_413(balancer, tmp_pat
         "    return f'got {len(request.get_data())} bytes\\n'\n")
     port = free_port()
     proc = start_process([str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers",
-                          "1", "--chdir", str(tmp_path), "flaskapp:app"])
+                          "1", "--no-control-socket", "--chdir", str(tmp_path), "flaskapp:app"])
     try:
         wait_listening(port, proc)
         b = balancer([f"http://127.0.0.1:{port}"], timeout=10, admin_port=free_port())

@@ -168,7 +168,7 @@ def test_gunicorn_on_a_unix_socket(balancer, socket_dir):
         "    body = ('gunicorn ' + environ.get('HTTP_HOST', '-') + ' ' + environ['PATH_INFO']).encode()\n"
         "    start_response('200 OK', [('Content-Length', str(len(body)))])\n"
         "    return [body]\n")
-    child = ChildProcess([str(VENV_BIN / "gunicorn"), "--bind", f"unix:{path}", "--workers", "1",
+    child = ChildProcess([str(VENV_BIN / "gunicorn"), "--bind", f"unix:{path}", "--workers", "1", "--no-control-socket",
                           "--chdir", socket_dir, "wsgi_app:app"])
     try:
         assert child.wait_for_line("Booting worker"), child.output()
