@@ -2953,18 +2953,18 @@ class Route:
     is over. With leastconn it holds one count in flight (SharedState.acquire) from the pick to
     the end, moved to the next upstream on a retry."""
 
-    __slots__ = ("balancer", "secure", "values", "key", "pinned", "counted")
+    __slots__ = ("round_robin", "secure", "values", "key", "pinned", "counted")
 
-    def __init__(self, balancer: RoundRobin, secure: bool, values: list | None, key: int | None):
-        self.balancer, self.secure = balancer, secure
+    def __init__(self, round_robin: RoundRobin, secure: bool, values: list | None, key: int | None):
+        self.round_robin, self.secure = round_robin, secure
         self.values = values       # the sticky cookie's values the client sent (None: no sticky)
         self.key = key             # the hash of the request's --hash-key (None: it has none)
         self.pinned = None         # the upstream its sticky cookie names, at the last pick
         self.counted = None        # the slot where this request is counted in flight
 
     def pick(self, tried) -> Backend | None:
-        balancer = self.balancer
-        rotation = balancer.current()
+        round_robin = self.round_robin
+        rotation = round_robin.current()
         pinned = None
         if self.values:
             # The upstream the cookie names, while it may take the request: up, or draining
@@ -2978,29 +2978,29 @@ class Route:
                     pinned = backend
                     break
             self.pinned = pinned
-        if balancer.counting:
-            shared = balancer.shared
+        if round_robin.counting:
+            shared = round_robin.shared
             if self.counted is not None:  # a retry: the failed try is in flight no more
-                shared.release(balancer.worker, self.counted)
+                shared.release(round_robin.worker, self.counted)
                 self.counted = None
-            if balancer.capped:
+            if round_robin.capped:
                 if pinned is None:
-                    backend = shared.acquire(balancer.worker, balancer.under_cap, rotation, tried, self.key)
+                    backend = shared.acquire(round_robin.worker, round_robin.under_cap, rotation, tried, self.key)
                 else:
-                    backend = shared.acquire(balancer.worker, balancer.pinned_or_under_cap, rotation, pinned,
+                    backend = shared.acquire(round_robin.worker, round_robin.pinned_or_under_cap, rotation, pinned,
                                              tried, self.key)
             elif pinned is None:
-                backend = shared.acquire(balancer.worker, balancer.least_loaded, rotation, tried)
+                backend = shared.acquire(round_robin.worker, round_robin.least_loaded, rotation, tried)
             else:
-                backend = shared.acquire(balancer.worker, lambda loads: pinned)
+                backend = shared.acquire(round_robin.worker, lambda loads: pinned)
             if backend is not None:
                 self.counted = backend.slot
             return backend
         if pinned is not None:
             return pinned
         if self.key is not None:
-            return balancer.on_ring(rotation, self.key, tried)
-        return balancer.pick(tried)
+            return round_robin.on_ring(rotation, self.key, tried)
+        return round_robin.pick(tried)
 
     def answered(self, backend: Backend, head: ResponseHead) -> None:
         """`backend`'s response goes to the client: a client not pinned to it gets the cookie that
@@ -3008,29 +3008,29 @@ class Route:
         if self.values is None:
             return
         if backend is self.pinned:
-            next(self.balancer.sticky_hits)
+            next(self.round_robin.sticky_hits)
             return
         if backend.sticky_value is None:
             return  # no key yet (the owner publishes it before the first request)
         if self.values:
-            next(self.balancer.sticky_repicks)
+            next(self.round_robin.sticky_repicks)
         head.fields.append((b"set-cookie", b"Set-Cookie: %s%s; Path=/; HttpOnly; SameSite=Lax%s" % (
-            self.balancer.sticky_prefix, backend.sticky_value, b"; Secure" if self.secure else b"")))
+            self.round_robin.sticky_prefix, backend.sticky_value, b"; Secure" if self.secure else b"")))
 
     def must_wait(self, tried) -> bool:
         """pick() found nothing, and only because of caps: some upstream that may take the request
         (up, not tried) is at its maxconn. The request waits in the queue."""
-        rotation = self.balancer.current()
+        rotation = self.round_robin.current()
         return rotation.caps is not None and any(
             b not in tried for b in (*rotation.primary_members, *rotation.backup_members))
 
     def end(self) -> None:
         if self.counted is not None:
-            balancer = self.balancer
-            balancer.shared.release(balancer.worker, self.counted)
+            round_robin = self.round_robin
+            round_robin.shared.release(round_robin.worker, self.counted)
             self.counted = None
-            if balancer.queue.waiting:
-                balancer.queue.offer()  # the freed slot goes to the head of the queue, now
+            if round_robin.queue.waiting:
+                round_robin.queue.offer()  # the freed slot goes to the head of the queue, now
 
 
 class Waiter:
@@ -3953,14 +3953,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         one while that is safe; else answer 502, 503 or 504 through reject()."""
         self.continue_sent = False
         body = b"" if request.framing == NO_BODY else self.arrived_body(request)
-        balancer, transport = self.server.balancer, self.server.transport
-        route = self.route = balancer.route(request, self.client_ip, self.stream.tls) if balancer.routes else None
+        round_robin, transport = self.server.round_robin, self.server.transport
+        route = self.route = round_robin.route(request, self.client_ip, self.stream.tls) if round_robin.routes else None
         tried: list[Backend] = []
         failure = None
         while True:
             # While requests queue, a new one goes behind them (a slot freed is theirs: no barging).
-            queue_first = route is not None and not tried and balancer.queue.waiting
-            backend = None if queue_first else balancer.pick(tried) if route is None else route.pick(tried)
+            queue_first = route is not None and not tried and round_robin.queue.waiting
+            backend = None if queue_first else round_robin.pick(tried) if route is None else route.pick(tried)
             if backend is None and route is not None and (queue_first or route.must_wait(tried)):
                 backend = self.wait_in_queue(route, tried, request.framing != NO_BODY and body is None)
                 if backend is None:
@@ -3995,7 +3995,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if failure is None:
             self.server.unavailable.note()
             self.reject(503, "no upstream is available", close=unread_body,
-                        extra=b"Retry-After: %d\r\n" % balancer.retry_after())
+                        extra=b"Retry-After: %d\r\n" % round_robin.retry_after())
         else:
             self.reject(failure.status, failure.detail, close=unread_body, tried=tried[-1])
 
@@ -4003,7 +4003,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Every upstream that may take the request is at its maxconn: wait in this worker's queue,
         holding no place in the fair gate, for the first one that frees a slot; None when answered
         503 instead (the queue full or its timeout over)."""
-        waited = self.outside_gate(self.server.balancer.queue.wait, lambda: route.pick(tried),
+        waited = self.outside_gate(self.server.round_robin.queue.wait, lambda: route.pick(tried),
                                    self.stream.peer_gone)
         if isinstance(waited, str):
             # Retry-After: 1: the queue is full now, not out of service (a 503 of no upstream says
@@ -4021,7 +4021,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # nginx ignores max_fails when a group has a single server: with nowhere else to go,
         # taking it out would only turn its failures into 503s.
         if self.server.shared.record_failure(backend.slot, error.detail, self.config,
-                                             may_eject=len(self.server.balancer.backends) > 1):
+                                             may_eject=len(self.server.round_robin.backends) > 1):
             log.warning("upstream %s out of rotation for %gs: %d failed requests in a row, last: %s",
                         backend.label, self.config.fail_timeout, self.config.max_fails, error.detail)
 
@@ -4436,9 +4436,9 @@ class ProxyServer(Listener):
     request_queue_size = 1024      # socketserver's 5 drops SYNs under load: 1 s client stalls
     allow_reuse_address = True
 
-    def __init__(self, config: Config, balancer: RoundRobin, stats: WorkerStats, shared: SharedState,
+    def __init__(self, config: Config, round_robin: RoundRobin, stats: WorkerStats, shared: SharedState,
                  listener: socket.socket | None = None):
-        self.config, self.balancer, self.stats, self.shared = config, balancer, stats, shared
+        self.config, self.round_robin, self.stats, self.shared = config, round_robin, stats, shared
         self.draining = False
         self.connections = 0          # counted at accept, so that the cap holds under a burst
         self.evicting = 0             # idle connections closed to make room, not yet gone
@@ -4484,7 +4484,7 @@ class ProxyServer(Listener):
         backlog's worth, so that a connect flood cannot keep shutdown() waiting). Also takes a
         change of the shared state (an admin action, a reload) within a poll interval, and
         publishes the gauges."""
-        self.balancer.follow()
+        self.round_robin.follow()
         now = time.monotonic()
         if now - self.published_at >= GAUGE_SECONDS:
             self.published_at = now
@@ -4664,7 +4664,7 @@ class ProxyServer(Listener):
                 counters[base + U_IN_FLIGHT] = in_flight[base]
             self.gauged = set(in_flight)
             counters[P_RECEIVED], counters[P_SENT] = received, sent
-        self.balancer.publish_counts()
+        self.round_robin.publish_counts()
 
     def wake_drainer(self) -> None:
         with self.lock:
@@ -6409,9 +6409,9 @@ class Worker:
                  listener: socket.socket | None = None):
         self.config = config
         self.stats = WorkerStats(shared, index)
-        self.balancer = RoundRobin(shared, config, self.stats)
+        self.round_robin = RoundRobin(shared, config, self.stats)
         self.server = listen(config.host, config.port, lambda: ProxyServer(
-            config, self.balancer, self.stats, shared, listener))
+            config, self.round_robin, self.stats, shared, listener))
         self.thread = None
 
     @property
@@ -6429,7 +6429,7 @@ class Worker:
             self.server.shutdown()
         self.server.server_close()
         self.server.drain(drain_timeout)
-        for backend in self.balancer.backends.values():
+        for backend in self.round_robin.backends.values():
             backend.pool.close()
             backend.failures.flush()
         self.server.refusals.flush()
@@ -6456,7 +6456,7 @@ class LoadBalancer:
         except BaseException:
             self.worker.server.server_close()
             raise
-        self.worker.balancer.refresh()
+        self.worker.round_robin.refresh()
         self.control.before_reading = self.worker.server.publish_gauges
         self._closed = False
 
@@ -6475,8 +6475,8 @@ class LoadBalancer:
     @property
     def backends(self) -> list:
         """This process's Backend objects, in configured order."""
-        return [self.worker.balancer.backends[slot] for slot, _ in self.control.current
-                if slot in self.worker.balancer.backends]
+        return [self.worker.round_robin.backends[slot] for slot, _ in self.control.current
+                if slot in self.worker.round_robin.backends]
 
     def start(self) -> None:
         self.worker.start()
