@@ -50,6 +50,7 @@ import datetime
 import email.utils
 import errno
 import functools
+import hashlib
 import hmac
 import html
 import http.client
@@ -81,6 +82,7 @@ import urllib.parse
 from dataclasses import dataclass, field, fields, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 try:
@@ -181,6 +183,117 @@ def worker_count(text: str) -> int:
 RETRY_CONDITIONS = frozenset({"conn-failure", "empty-response", "response-timeout", "none"})
 
 
+def parse_networks(text: str) -> tuple:
+    """``"10.0.0.0/8, 2001:db8::/32"`` -> (IPv4Network, IPv6Network): address ranges in CIDR
+    notation, comma-separated; a bare address is a range of one. An IPv4-mapped IPv6 range
+    (``::ffff:10.0.0.0/104``) is the IPv4 range it maps. Bits set past the prefix are ignored, as
+    nginx and HAProxy read them (10.1.2.3/8 is 10.0.0.0/8). ValueError naming the bad item."""
+    networks = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR range (such as 10.0.0.0/8 "
+                             "or 2001:db8::/32)") from None
+        mapped = network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped
+        if mapped:
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        networks.append(network)
+    return tuple(networks)
+
+
+def address_in(address, networks: tuple) -> bool:
+    """Is `address` (text, ASCII bytes or an ipaddress address) in one of `networks` (as
+    parse_networks returns them)? An IPv4-mapped IPv6 address (``::ffff:10.1.2.3``: how a
+    dual-stack socket shows an IPv4 client) is its IPv4 address. Not an address: False."""
+    if not isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        try:
+            address = ipaddress.ip_address(address.decode("ascii") if isinstance(address, bytes) else address)
+        except (ValueError, UnicodeDecodeError):
+            return False
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)  # False across IP versions
+
+
+def read_networks(value: str) -> tuple:
+    """One value of a list setting (--allow, --deny, --admin-allow, --rate-limit-exempt):
+    ``CIDR[,CIDR...]``, or a file of them when it starts with "/" or "." (one or more a line,
+    # comments; HAProxy's ``acl ... -f FILE``), read again on SIGHUP. ValueError: one line, naming
+    the file and line."""
+    if not value.startswith(("/", ".")):
+        return parse_networks(value)
+    try:
+        with open(value, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {value}: {describe_os_error(error)}") from None
+    networks = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                networks += parse_networks(text)
+            except ValueError as error:
+                raise ValueError(f"{value}, line {number}: {error}") from None
+    if not networks:  # a file emptied by mistake must not open (--deny) or close (--allow) the doors
+        raise ValueError(f"{value}: no address range in the file")
+    return tuple(networks)
+
+
+MAX_RANGES = 5000  # address ranges over all lists: what LISTS_BYTES holds for the workers
+
+
+class AccessLists(NamedTuple):
+    """The address lists as ranges (read_access_lists); what a reload publishes to the workers."""
+
+    allow: tuple = ()
+    deny: tuple = ()
+    admin_allow: tuple = ()
+    rate_limit_exempt: tuple = ()
+
+
+def read_access_lists(config: Config) -> AccessLists:
+    """Every list setting of `config` read (its files too); ValueError naming the flag."""
+    lists = {}
+    for name in AccessLists._fields:
+        networks: tuple = ()
+        for value in getattr(config, name):
+            try:
+                networks += read_networks(value)
+            except ValueError as error:
+                raise ValueError(f"--{name.replace('_', '-')}: {error}") from None
+        lists[name] = networks
+    if sum(map(len, lists.values())) > MAX_RANGES:
+        raise ValueError(f"the address lists hold more than {MAX_RANGES} ranges")
+    return AccessLists(**lists)
+
+
+RATE_LIMIT = re.compile(r"(\d{1,7})/([sm])(?:,burst=(\d{1,7}))?")
+
+
+def parse_rate_limit(text: str) -> tuple[int, int]:
+    """``"10/s,burst=20"`` -> (microseconds between two requests, bucket size): nginx's rate
+    syntax (N/s, N/m) and a token bucket of `burst` requests (default 1: no burst, as nginx's
+    limit_req without burst). ValueError with the reason."""
+    match = RATE_LIMIT.fullmatch(text.replace(" ", ""))
+    if not match:
+        raise ValueError("must be N/s or N/m, optionally followed by ,burst=N (such as 10/s,burst=20)")
+    count, unit, burst = int(match[1]), match[2], int(match[3] or 1)
+    if count < 1 or burst < 1:
+        raise ValueError("needs a rate and a burst of at least 1")
+    return max(1, round((1_000_000 if unit == "s" else 60_000_000) / count)), burst
+
+
+def rate_limit_syntax(value) -> str | None:
+    try:
+        parse_rate_limit(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def setting(default, help: str, *, group: str = "general", type=None, check=None, choices=None,
             metavar: str | None = None, reload: bool = False, flag: str | None = None):
     """A Config field with what the command line, validation and reload need to know of it."""
@@ -260,6 +373,24 @@ class Config:
                              group="health", type=int, check=at_least_one)
     fail_timeout: float = setting(10.0, "seconds an upstream stays out after --max-fails",
                                   group="health", type=float, check=positive)
+    # Protection. nginx: allow/deny, limit_req; HAProxy: acl src, stick-table http_req_rate.
+    allow: tuple = setting((), "CIDR[,CIDR...], repeatable: only these client addresses reach the "
+                           "upstreams (403 and close for others); a value starting with / or . is "
+                           "a file of them, read again on SIGHUP", group="protection", metavar="CIDR",
+                           reload=True)
+    deny: tuple = setting((), "CIDR[,CIDR...] or a file, repeatable: these client addresses get 403 "
+                          "and a close; a deny wins over an allow", group="protection", metavar="CIDR",
+                          reload=True)
+    admin_allow: tuple = setting((), "CIDR[,CIDR...] or a file, repeatable: only these addresses reach "
+                                 "the admin listener (403 and close for others)", group="protection",
+                                 metavar="CIDR", reload=True)
+    rate_limit: str | None = setting(None, "requests per client address, RATE as N/s or N/m, shared "
+                                     "by every worker; 429 with Retry-After above it; burst=N lets N "
+                                     "through at once", group="protection", check=rate_limit_syntax,
+                                     metavar="RATE[,burst=N]")
+    rate_limit_exempt: tuple = setting((), "CIDR[,CIDR...] or a file, repeatable: client addresses "
+                                       "--rate-limit never limits (health checkers, internal callers)",
+                                       group="protection", metavar="CIDR", reload=True)
     # Operations.
     drain_timeout: float = setting(10.0, "seconds in-flight requests may take after SIGTERM, SIGINT "
                                    "or SIGQUIT", group="operations", type=float, check=non_negative)
@@ -294,6 +425,7 @@ class Config:
         if not self.backends:
             raise ValueError("at least one --backend is needed")
         object.__setattr__(self, "backend_specs", parse_backends(self.backends))
+        object.__setattr__(self, "access_lists", read_access_lists(self))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.redirect_http_port is not None and self.tls_cert is None:
@@ -1406,10 +1538,23 @@ EXPORTED_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ERROR_KINDS = ("connect", "tls", "timeout", "closed", "invalid", "body")
 
 # The header: generations that tell every process to look again.
-H_GENERATION, H_TLS_GENERATION, H_RESOLVE_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH = range(5)
+(H_GENERATION, H_TLS_GENERATION, H_RESOLVE_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH,
+ H_LISTS_GENERATION, H_LISTS_LENGTH) = range(7)
 HEADER_INTS = 8
 CONFIG_BYTES = 64 * 1024
 TLS_BYTES = 64 * 1024  # the certificate chain and key a reload checked, for every worker to load
+LISTS_BYTES = 256 * 1024  # the address lists a reload read (JSON), for every worker: MAX_RANGES
+# The rate-limit table (--rate-limit): one token bucket per client address, shared by every
+# worker, RATE_TABLE_SIZE addresses at most; a new address when it is full takes the place of the
+# least recently seen one (nginx's limit_req zone: 16,000 addresses a megabyte, evicted the same
+# way). A bucket is one number, its theoretical arrival time (GCRA: a token bucket kept as the time
+# at which it is full again). Rows are numbered from 1 (0: none), in one hash table (chains, on a
+# keyed hash so that nobody can aim addresses at one chain) and one list from newest to oldest.
+RATE_TABLE_SIZE = 16384
+RT_SECRET, RT_USED, RT_NEWEST, RT_OLDEST, RT_EVICTIONS = 0, 2, 3, 4, 5  # the secret takes two ints
+RATE_HEADER_INTS = 8
+R_HIGH, R_LOW, R_TAT, R_NEWER, R_OLDER, R_CHAIN, R_BUCKET = range(7)  # the address is two ints
+RATE_ROW_INTS = 7
 # Each upstream slot's state.
 (S_IN_USE, S_HEALTH, S_ADMIN, S_EJECTED_UNTIL, S_EJECTED_UNTIL_WALL, S_CONSECUTIVE_FAILURES,
  S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH) = range(11)
@@ -1419,7 +1564,7 @@ HEALTH_STATES = ("unchecked", "up", "down")
 ADMIN_STATES = ("ready", "drain", "maint")
 # Each worker's block: its process, then one record per upstream slot.
 (P_PID, P_CONNECTIONS, P_TUNNELS_OPEN, P_TUNNELS, P_TUNNEL_BYTES_UP, P_TUNNEL_BYTES_DOWN,
- P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED) = range(10)
+ P_RECEIVED, P_SENT, P_RESTARTS, P_ACCEPTED, P_DENIED, P_RATE_LIMITED) = range(12)
 P_IN_FLIGHT, P_RESPONSES = 14, 15  # derived (Control.counters), never written by a worker
 PROCESS_INTS = 16
 U_CODES = 0
@@ -1454,6 +1599,11 @@ def panic_mode(states) -> bool:
 def code_index(status: int) -> int:
     index = CODE_INDEX.get(status)
     return len(STATUS_CODES) + min(max(status // 100, 1), 5) - 1 if index is None else index
+
+
+def rate_buckets() -> int:
+    """The rate table's hash chains: a power of two, at least one per address."""
+    return 1 << (RATE_TABLE_SIZE - 1).bit_length()
 
 
 def code_label(index: int) -> str:
@@ -1501,12 +1651,18 @@ class SharedState:
         self.reasons = take((MAX_UPSTREAMS + 1) * REASON_BYTES, ints=False)
         self.config_area = take(CONFIG_BYTES, ints=False)
         self.tls_area = take(TLS_BYTES, ints=False)
+        self.lists_area = take(LISTS_BYTES, ints=False)
+        self.rate_header = take(RATE_HEADER_INTS * 8)
+        self.rate_buckets = take(rate_buckets() * 8)
+        self.rate_rows = take((RATE_TABLE_SIZE + 1) * RATE_ROW_INTS * 8)
+        self.rate_secret = self.rate_header[RT_SECRET:RT_SECRET + 2].tobytes()
         self.workers = [take(WORKER_INTS * 8) for _ in range(workers)]
 
     @staticmethod
     def size(workers: int) -> int:
-        return 8 * (HEADER_INTS + (MAX_UPSTREAMS + 1) * STATE_INTS + workers * WORKER_INTS) + (
-            (MAX_UPSTREAMS + 1) * REASON_BYTES + CONFIG_BYTES + TLS_BYTES)
+        rate_table = RATE_HEADER_INTS + rate_buckets() + (RATE_TABLE_SIZE + 1) * RATE_ROW_INTS
+        return 8 * (HEADER_INTS + (MAX_UPSTREAMS + 1) * STATE_INTS + rate_table + workers * WORKER_INTS) + (
+            (MAX_UPSTREAMS + 1) * REASON_BYTES + CONFIG_BYTES + TLS_BYTES + LISTS_BYTES)
 
     @classmethod
     def create(cls, workers: int = 1, *, processes: bool = False) -> SharedState:
@@ -1514,10 +1670,15 @@ class SharedState:
         map by its descriptor, with a lock file; else private memory."""
         size = cls.size(workers)
         if not processes:
-            return cls(mmap.mmap(-1, size), workers, SharedLock())
-        block, lock_file = tempfile.TemporaryFile(dir=memory_directory()), tempfile.TemporaryFile()
-        os.ftruncate(block.fileno(), size)
-        return cls(mmap.mmap(block.fileno(), size), workers, SharedLock(lock_file), (block, lock_file))
+            memory, lock, files = mmap.mmap(-1, size), SharedLock(), ()
+        else:
+            block, lock_file = tempfile.TemporaryFile(dir=memory_directory()), tempfile.TemporaryFile()
+            os.ftruncate(block.fileno(), size)
+            memory, lock, files = mmap.mmap(block.fileno(), size), SharedLock(lock_file), (block, lock_file)
+        state = cls(memory, workers, lock, files)
+        state.rate_secret = os.urandom(16)  # the rate table's hash key, before any worker maps the block
+        state.rate_header[RT_SECRET:RT_SECRET + 2] = memoryview(state.rate_secret).cast("q")
+        return state
 
     @classmethod
     def attach(cls, block_fd: int, lock_fd: int, workers: int) -> SharedState:
@@ -1572,6 +1733,119 @@ class SharedState:
         """(generation, the last published chain and key); b"" before the first reload."""
         with self.lock:
             return self.header[H_TLS_GENERATION], bytes(self.tls_area[:self.header[H_TLS_LENGTH]])
+
+    def publish_lists(self, lists: AccessLists) -> None:
+        """Make `lists` (as the owner read them) what every worker's next request is checked
+        against (ValueError when they take more than LISTS_BYTES)."""
+        data = json.dumps({name: [str(network) for network in networks]
+                           for name, networks in lists._asdict().items()}).encode()
+        if len(data) > LISTS_BYTES:
+            raise ValueError(f"the address lists take more than {LISTS_BYTES} bytes")
+        with self.lock:
+            self.lists_area[:len(data)] = data
+            self.header[H_LISTS_LENGTH] = len(data)
+            self.header[H_LISTS_GENERATION] += 1
+
+    def access_lists(self) -> tuple[int, AccessLists | None]:
+        """(generation, the last published lists); None before the first publish."""
+        with self.lock:
+            generation, data = self.header[H_LISTS_GENERATION], bytes(self.lists_area[:self.header[H_LISTS_LENGTH]])
+        if not data:
+            return generation, None
+        return generation, AccessLists(**{name: tuple(ipaddress.ip_network(text) for text in texts)
+                                          for name, texts in json.loads(data).items()})
+
+    # -- the rate-limit table (any worker, under the lock) -------------------------------------
+
+    def rate_key(self, address: bytes) -> tuple[int, int, int]:
+        """A client's 16-byte address (IPv4 as IPv4-mapped IPv6) as the table keys it: (high, low,
+        hash chain). Computed once per address and kept by the caller."""
+        high, low = struct.unpack("<qq", address)
+        digest = hashlib.blake2b(address, key=self.rate_secret, digest_size=8).digest()
+        return high, low, int.from_bytes(digest, "little") & (len(self.rate_buckets) - 1)
+
+    def take_token(self, key: tuple[int, int, int], now_us: int, interval_us: int, tolerance_us: int) -> int:
+        """One request from the address `key` (rate_key): 0 if it may pass (its token taken),
+        else the microseconds until it may. GCRA: the bucket is the time at which it is full
+        again; a request passes while that is at most `tolerance_us` (burst - 1 intervals)
+        ahead, and moves it `interval_us` on."""
+        high, low, bucket = key
+        rows = self.rate_rows
+        with self.lock:
+            row = self.rate_buckets[bucket]
+            while row:
+                base = row * RATE_ROW_INTS
+                if rows[base + R_LOW] == low and rows[base + R_HIGH] == high:
+                    if row != self.rate_header[RT_NEWEST]:
+                        self._rate_unlink(row)
+                        self._rate_push(row)
+                    break
+                row = rows[base + R_CHAIN]
+            else:
+                row = self._rate_new_row(high, low, bucket)
+                base = row * RATE_ROW_INTS
+            due = rows[base + R_TAT]
+            if due < now_us:
+                due = now_us
+            wait = due - now_us - tolerance_us
+            if wait > 0:
+                return wait
+            rows[base + R_TAT] = due + interval_us
+            return 0
+
+    def _rate_new_row(self, high: int, low: int, bucket: int) -> int:
+        """A row for a new address: an unused one, or the least recently seen one's (unhooked
+        from its chain). Pushed as the newest, at the head of `bucket`'s chain, with a full bucket."""
+        rows, top = self.rate_rows, self.rate_header
+        if top[RT_USED] < RATE_TABLE_SIZE:
+            top[RT_USED] += 1
+            row = top[RT_USED]
+        else:
+            row = top[RT_OLDEST]
+            self._rate_unlink(row)
+            base = row * RATE_ROW_INTS
+            link = self.rate_buckets[rows[base + R_BUCKET]]
+            if link == row:
+                self.rate_buckets[rows[base + R_BUCKET]] = rows[base + R_CHAIN]
+            else:
+                while rows[link * RATE_ROW_INTS + R_CHAIN] != row:
+                    link = rows[link * RATE_ROW_INTS + R_CHAIN]
+                rows[link * RATE_ROW_INTS + R_CHAIN] = rows[base + R_CHAIN]
+            top[RT_EVICTIONS] += 1
+        base = row * RATE_ROW_INTS
+        rows[base + R_HIGH], rows[base + R_LOW], rows[base + R_TAT] = high, low, 0
+        rows[base + R_BUCKET], rows[base + R_CHAIN] = bucket, self.rate_buckets[bucket]
+        self.rate_buckets[bucket] = row
+        self._rate_push(row)
+        return row
+
+    def _rate_unlink(self, row: int) -> None:
+        rows, top = self.rate_rows, self.rate_header
+        base = row * RATE_ROW_INTS
+        newer, older = rows[base + R_NEWER], rows[base + R_OLDER]
+        if newer:
+            rows[newer * RATE_ROW_INTS + R_OLDER] = older
+        else:
+            top[RT_NEWEST] = older
+        if older:
+            rows[older * RATE_ROW_INTS + R_NEWER] = newer
+        else:
+            top[RT_OLDEST] = newer
+
+    def _rate_push(self, row: int) -> None:
+        rows, top = self.rate_rows, self.rate_header
+        base = row * RATE_ROW_INTS
+        newest = top[RT_NEWEST]
+        rows[base + R_NEWER], rows[base + R_OLDER] = 0, newest
+        if newest:
+            rows[newest * RATE_ROW_INTS + R_NEWER] = row
+        else:
+            top[RT_OLDEST] = row
+        top[RT_NEWEST] = row
+
+    def rate_table_usage(self) -> tuple[int, int]:
+        """(addresses in the rate table, addresses evicted to make room)."""
+        return self.rate_header[RT_USED], self.rate_header[RT_EVICTIONS]
 
     # -- one upstream's state --------------------------------------------------------------------
 
@@ -2264,6 +2538,97 @@ class ConnectionPool:
 
 
 # ===================================================================================================
+# Protection: allow and deny lists, rate limits
+# ===================================================================================================
+# Checked for each request once its head is read and before anything else happens to it, on the
+# client address the balancer vouches for (ProxyHandler.client_ip). Not at accept, although that
+# would be earlier: on an HTTPS listener a proper 403 can only be sent after the TLS handshake,
+# and the client address is final only with the head (X-Forwarded-For from a trusted proxy;
+# nginx's allow/deny run after its realip module for the same reason). Reading a head is bounded
+# (--header-timeout, --max-header-size), and a refused request never reaches an upstream.
+
+class Guard:
+    """--allow, --deny and --rate-limit on one worker's listener. A server has one only when one
+    of them is given: without, nothing is checked at all. The lists follow reloads (follow());
+    what an address is (allowed, its rate-table key) is worked out once per address and kept."""
+
+    MAX_VERDICTS = 4096  # addresses whose verdict is kept; the table starts again when full
+
+    def __init__(self, config: Config, shared: SharedState, stats: WorkerStats):
+        self.shared, self.stats = shared, stats
+        self.interval, burst = parse_rate_limit(config.rate_limit) if config.rate_limit else (0, 1)
+        self.tolerance = (burst - 1) * self.interval
+        self.generation, lists = shared.access_lists()
+        self.current = (lists or config.access_lists, {})  # (lists, verdicts): replaced as one
+        self.denials = RateLimitedLog("requests answered 403: client address not allowed (--allow, --deny)")
+        self.limited = RateLimitedLog(f"requests answered 429: over --rate-limit {config.rate_limit}")
+
+    @staticmethod
+    def needed(config: Config) -> bool:
+        return bool(config.allow or config.deny or config.rate_limit)
+
+    def follow(self) -> None:
+        """Lists a reload published apply from the next request (who calls: service_actions)."""
+        if self.shared.header[H_LISTS_GENERATION] != self.generation:
+            self.generation, lists = self.shared.access_lists()
+            if lists is not None:
+                self.current = (lists, {})
+
+    def refuses(self, handler: ProxyHandler, request: Request) -> bool:
+        """Answer `request` 403 (not allowed) or 429 (over the rate) and say True; or False: it
+        goes on. Who calls: ProxyHandler.handle_one_request."""
+        lists, verdicts = self.current
+        verdict = verdicts.get(handler.client_ip)
+        if verdict is None:
+            verdict = self.judge(handler.client_ip, lists, verdicts)
+        allowed, key = verdict
+        if not allowed:
+            self.stats.add(P_DENIED)
+            self.denials.count()
+            handler.reject(403, "requests from your address are not allowed here")
+            return True
+        if key is None:
+            return False
+        wait = self.shared.take_token(key, monotonic_us(), self.interval, self.tolerance)
+        if not wait:
+            return False
+        self.stats.add(P_RATE_LIMITED)
+        self.limited.count()
+        # The connection stays open unless a body is left unread (nginx keeps it too).
+        unread_body = request.framing != NO_BODY and not (request.framing == LENGTH and not request.length)
+        handler.reject(429, "too many requests from your address: slow down", close=unread_body,
+                       extra=b"Retry-After: %d\r\n" % -(-wait // 1_000_000))
+        return True
+
+    def judge(self, client_ip: bytes, lists: AccessLists, verdicts: dict) -> tuple[bool, tuple | None]:
+        """(allowed, rate-table key or None when not limited) for an address, kept in `verdicts`."""
+        try:
+            address = ipaddress.ip_address(client_ip.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            address = None
+        if address is not None and address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if address is None:  # nothing to match a range against: refused wherever lists are given
+            allowed = not (lists.allow or lists.deny)
+        else:
+            allowed = not address_in(address, lists.deny) and (
+                not lists.allow or address_in(address, lists.allow))
+        key = None
+        if self.interval and allowed and not (address is not None and address_in(address, lists.rate_limit_exempt)):
+            if address is None:
+                packed = hashlib.blake2b(client_ip, digest_size=16).digest()
+            elif address.version == 6:
+                packed = address.packed
+            else:  # IPv4, and IPv4-mapped IPv6 with it: one key, the mapped form
+                packed = bytes(10) + b"\xff\xff" + address.packed
+            key = self.shared.rate_key(packed)
+        if len(verdicts) >= self.MAX_VERDICTS:
+            verdicts.clear()
+        verdicts[client_ip] = (allowed, key)
+        return allowed, key
+
+
+# ===================================================================================================
 # The request handler
 # ===================================================================================================
 
@@ -2430,6 +2795,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.request_version = request.version.decode("ascii")
             self.headers = Headers(request.fields)
             self.close_connection = not request.keep_alive
+            if self.server.guard is not None and self.server.guard.refuses(self, request):
+                return
             self.proxy(request)
         except ClientError:
             self.close_connection = True
@@ -3027,6 +3394,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.refusals = RateLimitedLog(f"connections refused: all {config.max_connections} "
                                        "connections are busy (--max-connections)")
         self.unavailable = RateLimitedLog("requests answered 503: no upstream is available")
+        self.guard = Guard(config, shared, stats) if Guard.needed(config) else None
         self.tls: ssl.SSLContext | None = None
         self.tls_generation, pem = shared.tls_pem()
         if config.tls_cert:  # a worker started again after a reload loads what that reload checked
@@ -3060,6 +3428,8 @@ class ProxyServer(ThreadingHTTPServer):
         change of the shared state (an admin action, a reload) within a poll interval, and
         publishes the gauges."""
         self.balancer.follow()
+        if self.guard is not None:
+            self.guard.follow()
         now = time.monotonic()
         if now - self.published_at >= GAUGE_SECONDS:
             self.published_at = now
@@ -3498,11 +3868,28 @@ class AdminServer(ThreadingHTTPServer):
 
     def __init__(self, address, control: Control):
         self.control = control
+        self.closer = LingeringCloser()
+        self.refusals = RateLimitedLog("admin connections answered 403: address not in --admin-allow")
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, AdminHandler)
 
     server_bind = ProxyServer.server_bind
+
+    def verify_request(self, request: socket.socket, client_address) -> bool:
+        """--admin-allow, decided at accept: the admin listener is plain HTTP and its client is
+        the peer, so a 403 can go out before a thread starts or a byte is read."""
+        allowed = self.control.lists.admin_allow
+        if not allowed or address_in(client_address[0], allowed):
+            return True
+        self.refusals.count()
+        self.closer.reject(request.dup(), error_response(
+            403, "this address may not use the admin listener (--admin-allow)", close=True))
+        return False
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.closer.stop()
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error on the admin connection from %s", client_address[0])
@@ -4242,6 +4629,8 @@ class Control:
         self.threads: list = []
         self.before_reading = None          # one process: the worker's publish_gauges, for exact gauges
         self.apply(config)
+        self.lists = config.access_lists    # as the last reload read them; every worker has them
+        shared.publish_lists(self.lists)
         self.admin = self.redirect = None
         if config.admin_port is not None:
             self.admin = listen(config.admin_host, config.admin_port,
@@ -4302,6 +4691,7 @@ class Control:
                 log.info("SIGHUP: %s read again: %d backend(s); added: %s; removed: %s; changed: %s",
                          config.backends_file, len(self.current), ", ".join(added) or "none",
                          ", ".join(removed) or "none", ", ".join(changed) or "none")
+        self.reload_lists(config)
         if config.tls_cert:
             try:
                 self.shared.publish_tls(read_certificate(config.tls_cert, config.tls_key))
@@ -4310,6 +4700,23 @@ class Control:
                           describe_os_error(error))
             else:
                 log.info("SIGHUP: certificate %s loaded for new connections", config.tls_cert)
+
+    def reload_lists(self, config: Config) -> None:
+        """SIGHUP, for the address lists given as files: read them again and publish them to every
+        worker; a file that does not read or parse changes nothing."""
+        if not any(value.startswith(("/", ".")) for name in AccessLists._fields
+                   for value in getattr(config, name)):
+            return
+        try:
+            lists = read_access_lists(config)
+        except ValueError as error:
+            log.error("SIGHUP: %s; the previous address lists stay", error)
+            return
+        self.shared.publish_lists(lists)
+        self.lists = lists
+        log.info("SIGHUP: address lists read again: %s", ", ".join(
+            f"--{name.replace('_', '-')} {len(networks)} range(s)"
+            for name, networks in lists._asdict().items() if getattr(config, name)))
 
     def set_state(self, name: str, action: str) -> dict | None:
         """The admin API: drain (no new requests; those in flight finish), maint (out at once;
@@ -4436,6 +4843,8 @@ class Control:
             "responses": dict(zip(CLASS_LABELS, totals)),
             "refused_total": own["4xx"],
             "failed_total": own["5xx"],
+            "denied_total": process[P_DENIED],
+            "rate_limited_total": process[P_RATE_LIMITED],
             "in_flight": process[P_IN_FLIGHT],
             "connections": process[P_CONNECTIONS],
             "tunnels": {"open": process[P_TUNNELS_OPEN], "total": process[P_TUNNELS],
@@ -4449,6 +4858,10 @@ class Control:
                         for index, own in enumerate(per_worker)],
             "backends": backends,
         }
+        if self.config.rate_limit:
+            addresses, evictions = self.shared.rate_table_usage()
+            status["rate_limit"] = {"rate": self.config.rate_limit, "addresses": addresses,
+                                    "table_size": RATE_TABLE_SIZE, "evictions": evictions}
         if history:
             status["history"] = self.history_series()
         return status
@@ -4539,6 +4952,13 @@ class Control:
                    "upgrades), by direction.")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_UP], direction="client_to_upstream")
         out.sample("lb_tunnel_bytes_total", process[P_TUNNEL_BYTES_DOWN], direction="upstream_to_client")
+        if self.config.rate_limit:
+            addresses, evictions = self.shared.rate_table_usage()
+            out.family("lb_rate_limit_addresses", "gauge", "Client addresses in the rate-limit table.")
+            out.sample("lb_rate_limit_addresses", addresses)
+            out.family("lb_rate_limit_evictions_total", "counter", "Addresses evicted from the full "
+                       "rate-limit table, least recently seen first.")
+            out.sample("lb_rate_limit_evictions_total", evictions)
         out.family("lb_panic_mode", "gauge", "1 while every upstream is out after failed requests "
                    "and requests are tried on them anyway.")
         out.sample("lb_panic_mode", int(panic_mode(states)))
@@ -4591,6 +5011,9 @@ PROCESS_METRICS = (
     ("lb_received_bytes_total", "counter", P_RECEIVED, "Bytes of requests received from clients."),
     ("lb_sent_bytes_total", "counter", P_SENT, "Bytes of responses sent to clients."),
     ("lb_worker_restarts_total", "counter", P_RESTARTS, "Workers started again after one died."),
+    ("lb_denied_total", "counter", P_DENIED, "Requests answered 403: client address not allowed "
+     "(--allow, --deny)."),
+    ("lb_rate_limited_total", "counter", P_RATE_LIMITED, "Requests answered 429: over --rate-limit."),
 )
 
 
@@ -4922,6 +5345,8 @@ class WorkerProcess:
             os.set_inheritable(fd, True)
         settings = {item.name: getattr(config, item.name) for item in fields(Config)}
         settings["backends_file"] = None  # the supervisor owns the backend set
+        for name, networks in config.access_lists._asdict().items():  # and reads the lists' files
+            settings[name] = [",".join(map(str, networks))] if networks else []
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker-process",
              ",".join(map(str, (index, config.workers, *fds)))],
@@ -5026,7 +5451,8 @@ def worker_process(spec: str) -> int:
     index, workers, block_fd, lock_fd, listen_fd, control_fd, ready_fd = map(int, spec.split(","))
     threading.stack_size(THREAD_STACK_SIZE)
     settings = json.loads(read_line(control_fd))
-    config = Config(**{**settings, "backends": tuple(settings["backends"])})
+    config = Config(**{name: tuple(value) if isinstance(value, list) else value
+                       for name, value in settings.items()})
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     access_log.setLevel(logging.INFO if config.access_log else logging.WARNING)
     signals = Signals()
@@ -5098,8 +5524,8 @@ def _export_command(config: Config, target: str) -> str:
         if value == item.default:
             continue
         flag = flag_of(item)
-        if item.name == "backends":
-            if config.backends_file is None:  # else the file is named below, as given
+        if isinstance(value, tuple):
+            if item.name != "backends" or config.backends_file is None:  # else the file is named
                 for text in value:
                     words += [flag, text]
         elif item.metadata["type"] is bool:
@@ -6054,7 +6480,7 @@ def build_parser() -> ArgumentParser:
                            choices=meta["choices"], default=item.default)
             if meta["choices"]:
                 options["type"] = str.lower
-            if item.name == "backends":
+            if isinstance(item.default, tuple):  # repeatable: a tuple of the values given
                 options.update(action="append", default=argparse.SUPPRESS, type=str)
             elif item.default is not None:
                 options["help"] += f" (default: {format_default(item.default)})"
@@ -6079,10 +6505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     options = vars(parser.parse_args(argv))
     export = options.pop("export")
-    if "backends" in options:
-        if options["backends_file"] is not None:
-            parser.error("give --backend or --backends-file, not both")
-        options["backends"] = tuple(options["backends"])
+    if "backends" in options and options["backends_file"] is not None:
+        parser.error("give --backend or --backends-file, not both")
+    options = {name: tuple(value) if isinstance(value, list) else value for name, value in options.items()}
     try:
         config = Config(**options)
         check_tls_files(config)
