@@ -5624,6 +5624,8 @@ def export_nginx(config: Config) -> str:
     lines += ["", "http {"]
     lines += _export_indent(_nginx_http(config))
     lines += [""] + _export_indent(_nginx_maps(config))
+    if config.rate_limit:
+        lines += [""] + _export_indent(_nginx_rate_zone(config))
     lines += [""] + _export_indent(_nginx_upstream(config, specs))
     lines += [""] + _export_indent(_nginx_proxy_server(config, specs))
     if config.redirect_http_port is not None:
@@ -5904,6 +5906,7 @@ def _nginx_proxy_server(config: Config, specs: tuple) -> list[str]:
             f"    # scheme for the group, here {scheme}:// (the first primary's), so requests to the "
             f"{other}:// ones fail.",
         ]
+    lines += _export_indent(_nginx_protection(config))
     lines += [
         "",
         "    location / {",
@@ -5930,6 +5933,65 @@ def _nginx_proxy_server(config: Config, specs: tuple) -> list[str]:
         "}",
     ]
     return lines
+
+
+# The rate-limit zone's size: nginx keeps about 16,000 IPv4 addresses a megabyte (8,000 IPv6).
+NGINX_RATE_ZONE_MB = max(1, math.ceil(RATE_TABLE_SIZE / 16000))
+
+
+def _nginx_rate_zone(config: Config) -> list[str]:
+    """--rate-limit's shared zone (http context), keyed on the client address; an exempt address
+    has an empty key, which limit_req does not count."""
+    count, unit = config.rate_limit.split(",")[0].replace(" ", "").split("/")
+    lines = [f"# --rate-limit {config.rate_limit}: one bucket per client address in a zone shared by "
+             "every worker,",
+             f"# {NGINX_RATE_ZONE_MB}m: about {RATE_TABLE_SIZE} addresses, as load_balancer's table, the "
+             "least recently seen evicted."]
+    key = "$binary_remote_addr"
+    exempt = config.access_lists.rate_limit_exempt
+    if exempt:
+        lines += ["# --rate-limit-exempt: these addresses get an empty key, which limit_req does not count.",
+                  "geo $lb_rate_exempt {",
+                  "    default 0;",
+                  *[f"    {network} 1;" for network in exempt],
+                  "}",
+                  "map $lb_rate_exempt $lb_rate_key {",
+                  "    0 $binary_remote_addr;",
+                  "    1 \"\";",
+                  "}"]
+        key = "$lb_rate_key"
+    return lines + [f"limit_req_zone {key} zone=load_balancer_rate:{NGINX_RATE_ZONE_MB}m rate={count}r/{unit};",
+                    "limit_req_status 429;"]
+
+
+def _nginx_access_rules(flags: str, allow: tuple, deny: tuple) -> list[str]:
+    """allow/deny directives: nginx takes the first that matches, so the denied ranges come
+    first (a deny wins, as in load_balancer), then the allowed ones and "deny all"."""
+    if not allow and not deny:
+        return []
+    return [f"# {flags}: 403 (load_balancer also closes the connection; nginx keeps it open).",
+            *[f"deny {network};" for network in deny],
+            *[f"allow {network};" for network in allow],
+            *(["deny all;"] if allow else [])]
+
+
+def _nginx_protection(config: Config) -> list[str]:
+    """The proxy server's --allow, --deny and --rate-limit."""
+    lists = config.access_lists
+    lines = _nginx_access_rules("--allow, --deny", lists.allow, lists.deny)
+    if config.rate_limit:
+        _, burst = parse_rate_limit(config.rate_limit)
+        extra = f" burst={burst - 1} nodelay" if burst > 1 else ""
+        lines += [
+            f"# --rate-limit {config.rate_limit}: 429 above it, for every request of the address. nginx's "
+            "burst counts",
+            f"# the requests beyond the one the rate lets through, so burst={burst} here is nginx's "
+            f"burst={burst - 1}; nodelay",
+            "# answers them at once instead of spacing them out. load_balancer: nginx's 429 has no",
+            "# Retry-After.",
+            f"limit_req zone=load_balancer_rate{extra};",
+        ]
+    return [""] + lines if lines else []
 
 
 def _nginx_retries(config: Config) -> list[str]:
@@ -6019,6 +6081,7 @@ def _nginx_admin_server(config: Config) -> list[str]:
         "server {",
         f"    listen {_nginx_listen(config.admin_host, config.admin_port)};",
         "    access_log off;",
+        *_export_indent(_nginx_access_rules("--admin-allow", config.access_lists.admin_allow, ())),
         "    location = /status {",
         "        stub_status;",
         "    }",
@@ -6196,6 +6259,7 @@ def _haproxy_frontend(config: Config) -> list[str]:
               f"    bind {bind}",
               f"    maxconn {config.max_connections * config.workers}"]
     lines += _haproxy_access_log(config)
+    lines += _haproxy_protection(config)
     lines += [
         "    # X-Forwarded-For: the client's list extended by its address, on one line (several lines",
         "    # from the client: a line of its own after them, the same list by RFC 9110 section 5.3;",
@@ -6229,6 +6293,49 @@ def _haproxy_frontend(config: Config) -> list[str]:
             f"{{ req.hdr_val(content-length) gt {config.max_body_size} }}",
         ]
     lines.append("    default_backend upstreams")
+    return lines
+
+
+def _haproxy_acl(name: str, networks: tuple) -> list[str]:
+    """`acl NAME src ...` over as many lines as it takes (HAProxy reads at most 64 words a line;
+    lines of one name add up)."""
+    return [f"    acl {name} src {' '.join(map(str, networks[start:start + 32]))}"
+            for start in range(0, len(networks), 32)]
+
+
+def _haproxy_protection(config: Config) -> list[str]:
+    """The frontend's --allow and --deny (acl src + http-request deny) and --rate-limit (a
+    stick-table of request rates by address + http-request deny deny_status 429)."""
+    lists, lines = config.access_lists, []
+    if lists.allow or lists.deny:
+        lines.append("    # --allow, --deny: 403 (HAProxy's deny keeps the connection; load_balancer closes it).")
+        lines += _haproxy_acl("lb_denied", lists.deny) + _haproxy_acl("lb_allowed", lists.allow)
+        refused = " || ".join(filter(None, ("lb_denied" if lists.deny else "",
+                                            "!lb_allowed" if lists.allow else "")))
+        lines.append(f"    http-request deny deny_status 403 if {refused}")
+    if config.rate_limit:
+        interval_us, burst = parse_rate_limit(config.rate_limit)
+        window = burst * interval_us / 1e6
+        lines += [
+            f"    # --rate-limit {config.rate_limit}: load_balancer's token bucket lets {burst} request(s) "
+            "through at once,",
+            f"    # then one every {_export_time(interval_us / 1e6)}; HAProxy counts requests in a sliding "
+            f"window: at most {burst} per",
+            f"    # {_export_time(window)}, the same rate and burst. load_balancer: HAProxy counts the "
+            "refused requests",
+            "    # too, so a client that keeps hammering stays refused; load_balancer lets the next one "
+            "through on time.",
+            f"    stick-table type ipv6 size {RATE_TABLE_SIZE} expire {_export_time(max(window, 1.0) * 2)} "
+            f"store http_req_rate({_export_time(window)})",
+        ]
+        if lists.rate_limit_exempt:
+            lines += ["    # --rate-limit-exempt: not tracked, so never limited."]
+            lines += _haproxy_acl("lb_rate_exempt", lists.rate_limit_exempt)
+            lines.append("    http-request track-sc0 src unless lb_rate_exempt")
+        else:
+            lines.append("    http-request track-sc0 src")
+        lines.append(f"    http-request deny deny_status 429 hdr Retry-After {math.ceil(interval_us / 1e6)} "
+                     f"if {{ sc_http_req_rate(0) gt {burst} }}")
     return lines
 
 
@@ -6429,6 +6536,12 @@ def _haproxy_admin(config: Config) -> list[str]:
         "frontend admin",
         f"    bind {_haproxy_bind(config.admin_host, config.admin_port)}",
         "    no log",
+    ]
+    if config.access_lists.admin_allow:
+        lines += ["    # --admin-allow: only these addresses (403 for others)."]
+        lines += _haproxy_acl("lb_admin_allowed", config.access_lists.admin_allow)
+        lines += ["    http-request deny deny_status 403 if !lb_admin_allowed"]
+    lines += [
         ".if feature(PROMEX)",
         "    http-request use-service prometheus-exporter if { path /metrics }",
         ".endif",
