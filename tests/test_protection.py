@@ -7,6 +7,8 @@ socket bound to 127.0.0.2 reaches a balancer on 127.0.0.1 from another address."
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 
@@ -72,7 +74,8 @@ def test_parse_rate_limit():
 @pytest.mark.parametrize("args", [
     ["--rate-limit", "10/h"], ["--rate-limit", "5/s,burst=0"], ["--allow", "10.0.0.300"],
     ["--deny", "10.0.0.0/33"], ["--admin-allow", "localhost"], ["--rate-limit-exempt", "1.2.3.4,"],
-    ["--allow", "/nonexistent/allow.txt"],
+    ["--allow", "/nonexistent/allow.txt"], ["--rate-limit-exempt", "10.0.0.0/8"],
+    ["--admin-allow", "127.0.0.1"],
 ], ids=lambda a: " ".join(a))
 def test_bad_values_exit_2_with_one_line(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -100,7 +103,7 @@ def test_without_limits_or_lists_nothing_is_checked(upstreams, balancer):
     assert "rate_limit" not in b.status()
 
 
-def test_a_burst_passes_at_once_then_one_request_per_interval(upstreams, balancer):
+def test_a_burst_passes_at_once_then_one_request_per_interval(upstreams, balancer, caplog):
     up, = upstreams(1)
     b = balancer([up.url], rate_limit="10/s,burst=3")
     with RawClient(b.port) as client:
@@ -127,6 +130,8 @@ def test_a_burst_passes_at_once_then_one_request_per_interval(upstreams, balance
     assert status["rate_limited_total"] > 0
     assert status["rate_limit"]["addresses"] == 1
     assert f"lb_rate_limited_total {status['rate_limited_total']}" in b.control.metrics()
+    # Logged once, not once a request (the next line comes at most 5 s later, with the count).
+    assert caplog.text.count("requests answered 429: over --rate-limit 10/s,burst=3") == 1, caplog.text
 
 
 def test_429_keeps_the_connection_unless_a_body_is_left_unread(upstreams, balancer):
@@ -185,10 +190,28 @@ def test_a_full_table_evicts_the_least_recently_seen_address(upstreams, balancer
     assert get(b.port, source=f"127.0.1.{39}").status == 429
 
 
-def test_two_workers_share_one_limit(cli, upstreams):
+def test_with_workers_tokens_are_taken_ahead_only_from_a_deep_bucket():
+    """What a worker may spend without the shared lock: an eighth of the bucket with two workers,
+    so from a bucket of fewer than 16 tokens every request takes the lock (exact), and no more
+    tokens are ever handed out than the bucket holds."""
+    shared = lb.SharedState.create(2)
+    key = shared.rate_key(bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1]))
+    interval, tolerance, now = 1_000_000, 99 * 1_000_000, lb.monotonic_us()
+    taken = [shared.take_tokens(key, now, interval, tolerance, share=8)[0] for _ in range(40)]
+    assert taken[:3] == [12, 11, 9] and sum(taken) == 100 and taken[-1] == 0, taken
+    assert shared.take_tokens(key, now, interval, tolerance, share=8) == (0, 1_000_000)
+    small = shared.rate_key(bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 2]))
+    assert [shared.take_tokens(small, now, interval, 14 * interval, share=8)[0]
+            for _ in range(16)] == [1] * 15 + [0]
+
+
+def test_two_workers_share_one_limit_and_follow_a_reload(cli, upstreams, tmp_path):
     up, = upstreams(1)
+    deny = tmp_path / "deny.txt"
+    deny.write_text("192.0.2.0/24\n")
     p = cli(["--host", "127.0.0.1", "--port", "0", "--workers", "2", "--admin-port", "0",
-             "--health-interval", "0", "--rate-limit", "1/m,burst=3", "--backend", up.url]).wait_ready()
+             "--health-interval", "0", "--rate-limit", "1/m,burst=3", "--deny", str(deny),
+             "--backend", up.url]).wait_ready()
     assert wait_until(lambda: all_workers_listening(p, 2), timeout=10)
     statuses = []
 
@@ -204,13 +227,19 @@ def test_two_workers_share_one_limit(cli, upstreams):
     status = status_of(p.admin_port)
     assert status["rate_limited_total"] == len(statuses) - 3
     assert status["rate_limit"]["addresses"] == 1
+    # SIGHUP: the supervisor reads the file again, and both workers refuse the address.
+    deny.write_text("192.0.2.0/24\n127.0.0.1\n")
+    os.kill(p.proc.pid, signal.SIGHUP)
+    refused = []
+    assert wait_until(lambda: refused.append(get(p.port).status) or refused[-8:] == [403] * 8), refused
+    assert status_of(p.admin_port)["denied_total"] >= 8
 
 
 # ---------------------------------------------------------------------------------------------------
 # Allow and deny
 # ---------------------------------------------------------------------------------------------------
 
-def test_deny_inside_allow_wins_and_outside_every_allow_is_denied(upstreams, balancer):
+def test_deny_inside_allow_wins_and_outside_every_allow_is_denied(upstreams, balancer, caplog):
     up, = upstreams(1)
     b = balancer([up.url], allow=("127.0.0.0/24", "127.0.0.3"), deny=("127.0.0.2/31",))
     assert get(b.port, source="127.0.0.1").status == 200
@@ -222,6 +251,7 @@ def test_deny_inside_allow_wins_and_outside_every_allow_is_denied(upstreams, bal
     status = b.status()
     assert status["denied_total"] == 3
     assert "lb_denied_total 3" in b.control.metrics()
+    assert caplog.text.count("requests answered 403: client address not allowed") == 1, caplog.text
 
 
 def test_a_denied_keep_alive_client_gets_403_and_a_close(upstreams, balancer):
@@ -268,7 +298,7 @@ def test_mapped_ipv4_clients_match_ipv4_ranges(upstreams, balancer):
     assert get(mapped_range.port, source="127.0.1.1").status == 200
 
 
-def test_lists_in_a_file_change_on_reload(upstreams, balancer, tmp_path):
+def test_lists_in_a_file_change_on_reload(upstreams, balancer, tmp_path, caplog):
     up, = upstreams(1)
     allow = tmp_path / "allow.txt"
     allow.write_text("# office\n127.0.0.1\n")
@@ -279,8 +309,10 @@ def test_lists_in_a_file_change_on_reload(upstreams, balancer, tmp_path):
     b.reload()
     assert wait_until(lambda: get(b.port, source="127.0.0.2").status == 200), "reload did not apply"
     allow.write_text("127.0.0.300\n")
-    b.reload()  # refused: the lists stay as they were
-    time.sleep(0.3)  # two of the worker's poll intervals: a wrong apply would have happened
+    generation = b.shared.header[lb.H_LISTS_GENERATION]
+    b.reload()  # refused: nothing is published, so no worker can apply anything
+    assert b.shared.header[lb.H_LISTS_GENERATION] == generation
+    assert "the previous address lists stay" in caplog.text
     assert get(b.port, source="127.0.0.3").status == 200
     assert_denied(get(b.port, source="127.0.0.4"))
 
