@@ -2614,20 +2614,11 @@ class Guard:
             return True
         if key is None:
             return False
-        now = monotonic_us()
         if self.share:
-            with self.ahead_lock:
-                ahead = self.ahead.get(key)
-                if ahead is not None and ahead[0] and ahead[1] > now:
-                    ahead[0] -= 1
-                    return False
-        taken, wait = self.shared.take_tokens(key, now, self.interval, self.tolerance, self.share)
+            taken, wait = self.take_ahead(key, monotonic_us())
+        else:
+            taken, wait = self.shared.take_tokens(key, monotonic_us(), self.interval, self.tolerance)
         if taken:
-            if taken > 1:
-                with self.ahead_lock:
-                    if len(self.ahead) >= self.MAX_VERDICTS:
-                        self.ahead.clear()
-                    self.ahead[key] = [taken - 1, now + self.TAKE_AHEAD_US]
             return False
         self.stats.add(P_RATE_LIMITED)
         self.limited.count()
@@ -2636,6 +2627,24 @@ class Guard:
         handler.reject(429, "too many requests from your address: slow down", close=unread_body,
                        extra=b"Retry-After: %d\r\n" % -(-wait // 1_000_000))
         return True
+
+    def take_ahead(self, key: tuple, now: int) -> tuple[int, int]:
+        """take_tokens with several workers: a token this worker took ahead, else the shared
+        table's answer, taking ahead what it gives. One thread at a time: threads that ran out
+        together would each take ahead, and most of it would lapse unused."""
+        with self.ahead_lock:
+            ahead = self.ahead.get(key)
+            if ahead is not None and ahead[0] and ahead[1] > now:
+                ahead[0] -= 1
+                return 1, 0
+            taken, wait = self.shared.take_tokens(key, now, self.interval, self.tolerance, self.share)
+            if taken > 1:
+                if ahead is None:
+                    if len(self.ahead) >= self.MAX_VERDICTS:
+                        self.ahead.clear()
+                    ahead = self.ahead[key] = [0, 0]
+                ahead[0], ahead[1] = taken - 1, now + self.TAKE_AHEAD_US
+            return taken, wait
 
     def judge(self, client_ip: bytes, lists: AccessLists, verdicts: dict) -> tuple[bool, tuple | None]:
         """(allowed, rate-table key or None when not limited) for an address, kept in `verdicts`."""
