@@ -1559,7 +1559,7 @@ RT_SECRET, RT_USED, RT_NEWEST, RT_OLDEST, RT_EVICTIONS = 0, 2, 3, 4, 5  # the se
 RATE_HEADER_INTS = 8
 R_HIGH, R_LOW, R_TAT, R_NEWER, R_OLDER, R_CHAIN, R_BUCKET = range(7)  # the address is two ints
 RATE_ROW_INTS = 7
-RATE_TAKE_AHEAD = 64  # tokens a worker may take at once (see Guard)
+RATE_TAKE_AHEAD = 256  # tokens a worker may take at once (see Guard)
 # Each upstream slot's state.
 (S_IN_USE, S_HEALTH, S_ADMIN, S_EJECTED_UNTIL, S_EJECTED_UNTIL_WALL, S_CONSECUTIVE_FAILURES,
  S_CHECKS_PASSED, S_CHECKS_FAILED, S_EJECTIONS, S_SINCE, S_REASON_LENGTH) = range(11)
