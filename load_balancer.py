@@ -224,19 +224,12 @@ def read_networks(value: str) -> tuple:
     the file and line."""
     if not value.startswith(("/", ".")):
         return parse_networks(value)
-    try:
-        with open(value, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {value}: {describe_os_error(error)}") from None
     networks = []
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if text:
-            try:
-                networks += parse_networks(text)
-            except ValueError as error:
-                raise ValueError(f"{value}, line {number}: {error}") from None
+    for number, text in settings_file_lines(value):
+        try:
+            networks += parse_networks(text)
+        except ValueError as error:
+            raise ValueError(f"{value}, line {number}: {error}") from None
     if not networks:  # a file emptied by mistake must not open (--deny) or close (--allow) the doors
         raise ValueError(f"{value}: no address range in the file")
     return tuple(networks)
@@ -525,19 +518,27 @@ def parse_backends(texts) -> tuple:
     return specs
 
 
-def read_backends_file(path: str) -> tuple:
-    """The backends of a --backends-file: one per line, # comments, blank lines ignored. Errors
-    name the file and line."""
+def settings_file_lines(path: str, flag: str = "") -> list[tuple[int, str]]:
+    """(line number, text) of each line of a file of settings that says something: "#" starts a
+    comment, blank lines are skipped. ValueError "cannot read [FLAG ]PATH: why"."""
     try:
         with open(path, encoding="utf-8") as file:
             lines = file.read().splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read --backends-file {path}: {describe_os_error(error)}") from None
-    backends = []
+        raise ValueError(f"cannot read {flag + ' ' if flag else ''}{path}: {describe_os_error(error)}") from None
+    found = []
     for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
+        if text:
+            found.append((number, text))
+    return found
+
+
+def read_backends_file(path: str) -> tuple:
+    """The backends of a --backends-file: one per line, # comments, blank lines ignored. Errors
+    name the file and line."""
+    backends = []
+    for number, text in settings_file_lines(path, "--backends-file"):
         try:
             parse_backend(text)
         except ValueError as error:
