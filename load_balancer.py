@@ -217,12 +217,17 @@ def address_in(address, networks: tuple) -> bool:
     return any(address in network for network in networks)  # False across IP versions
 
 
+def names_a_file(value: str) -> bool:
+    """Does a list setting's value name a file of ranges (rather than hold them)?"""
+    return value.startswith(("/", "."))
+
+
 def read_networks(value: str) -> tuple:
     """One value of a list setting (--allow, --deny, --admin-allow, --rate-limit-exempt):
     ``CIDR[,CIDR...]``, or a file of them when it starts with "/" or "." (one or more a line,
     # comments; HAProxy's ``acl ... -f FILE``), read again on SIGHUP. ValueError: one line, naming
     the file and line."""
-    if not value.startswith(("/", ".")):
+    if not names_a_file(value):
         return parse_networks(value)
     networks = []
     for number, text in settings_file_lines(value):
@@ -4751,8 +4756,7 @@ class Control:
     def reload_lists(self, config: Config) -> None:
         """SIGHUP, for the address lists given as files: read them again and publish them to every
         worker; a file that does not read or parse changes nothing."""
-        if not any(value.startswith(("/", ".")) for name in AccessLists._fields
-                   for value in getattr(config, name)):
+        if not any(names_a_file(value) for name in AccessLists._fields for value in getattr(config, name)):
             return
         try:
             lists = read_access_lists(config)
