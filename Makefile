@@ -1,7 +1,8 @@
 # load_balancer.py: demo, tests and benchmark.
 #   make demo     three example upstreams (8001-8003) + the balancer on 8080, admin on 8081;
 #                 Ctrl-C stops everything. Ports: DEMO_LB_PORT, DEMO_ADMIN_PORT, DEMO_UPSTREAM_PORTS.
-#   make test     test suite in a local virtualenv (.venv, from requirements-dev.txt)
+#   make test     test suite in a local virtualenv (.venv, from requirements-dev.txt), on two
+#                 processes; PYTEST_ARGS="..." replaces -n 2 (e.g. PYTEST_ARGS="-n 0 tests/test_proxy.py")
 #   make bench    benchmark (GET, 8 MiB, idle, admin, WebSocket, HTTPS series; python3 bench/bench.py
 #                 --help); extra arguments in BENCH_ARGS="...", e.g. BENCH_ARGS="--baseline OLD_LB.py"
 #   make clean    remove the virtualenv and caches
@@ -11,7 +12,7 @@ VENV ?= .venv
 VENV_PYTHON := $(VENV)/bin/python
 # Written after a successful install; newer requirements-dev.txt => reinstall.
 VENV_STAMP := $(VENV)/.requirements-dev.installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 BENCH_ARGS ?=
 
 .PHONY: all demo test bench clean

@@ -863,6 +863,10 @@ def parse_args(argv):
     ap.add_argument("--baseline", type=Path, metavar="FILE",
                     help="another load_balancer.py measured in the same rounds as base-1w and base-Nw "
                          "(e.g. `git show REV:load_balancer.py > /tmp/lb_base.py`)")
+    ap.add_argument("--lb-args", default="", metavar="ARGS",
+                    help="extra flags for every balancer measured from --lb, not for the baseline (e.g. "
+                         "--lb-args='--rate-limit 1000000/s' with --baseline the same file: what a "
+                         "setting costs, in one run)")
     ap.add_argument("--secs", type=int, default=3, help="wrk duration per point, seconds")
     ap.add_argument("--conc", type=positive_ints, default="1,32,256", help="comma-separated wrk connection counts (small requests)")
     ap.add_argument("--workers", default="2",
@@ -887,6 +891,7 @@ def parse_args(argv):
             ap.error(f"--variant takes NAME=ARGS with a NAME of letters, digits, '_', '.' or '-', got {text!r}")
         variants.append((name, shlex.split(flags)))
     args.variant = variants
+    args.lb_args = shlex.split(args.lb_args)
     args.workers = list(dict.fromkeys(w.strip() for w in args.workers.split(",") if w.strip() not in ("", "1")))
     if args.secs < 1 or args.rounds < 1:
         ap.error("--secs and --rounds must be positive")
@@ -937,7 +942,7 @@ def start_targets(fleet, args):
                 t.ports[f"base-{w}w"], t.pids[f"base-{w}w"] = port, proc.pid
                 t.refs[f"lb-{w}w"] = f"base-{w}w"
         port, = free_ports(1)
-        proc = fleet.start(f"lb-{w}w", balancer_argv(args.lb, port, ports, workers), port)
+        proc = fleet.start(f"lb-{w}w", balancer_argv(args.lb, port, ports, [*workers, *args.lb_args]), port)
         if proc:
             t.ports[f"lb-{w}w"], t.pids[f"lb-{w}w"] = port, proc.pid
         for name, flags in args.variant:
@@ -953,7 +958,7 @@ def start_targets(fleet, args):
                     t.headers[port] = [f"Cookie: {cookie}"]
         if w == "1":
             port, admin_port = free_ports(2)
-            proc = fleet.start("lb-1w-admin", balancer_argv(args.lb, port, ports, ["--admin-port", str(admin_port)]),
+            proc = fleet.start("lb-1w-admin", balancer_argv(args.lb, port, ports, ["--admin-port", str(admin_port), *args.lb_args]),
                                port, admin_port)
             if proc:
                 t.ports["lb-1w-admin"], t.pids["lb-1w-admin"] = port, proc.pid
@@ -1005,7 +1010,7 @@ def run_tls_series(args, t, fleet, tmp):
             workers = ["--workers", w] if w != "1" else []
             port, = free_ports(1)
             proc = fleet.start(f"lb-{w}w-tls", balancer_argv(args.lb, port, t.upstream_ports,
-                                                              [*workers, "--tls-cert", str(cert), "--tls-key", str(key)]),
+                                                              [*workers, "--tls-cert", str(cert), "--tls-key", str(key), *args.lb_args]),
                                port)
             if proc:
                 started.append(proc)

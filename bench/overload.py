@@ -64,7 +64,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def wrk(port: int, seconds: int, connections: int) -> dict:
-    out = subprocess.run(["wrk", f"-c{connections}", f"-t4", f"-d{seconds}s", "--timeout", "60s",
+    out = subprocess.run(["wrk", f"-c{connections}", "-t4", f"-d{seconds}s", "--timeout", "60s",
                           "--latency", f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
                          timeout=seconds + 90).stdout
     completed = int(re.search(r"(\d+) requests in", out).group(1))

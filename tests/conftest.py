@@ -137,8 +137,11 @@ class Response:
 class RawClient:
     """One client connection speaking raw bytes, reading responses with framing checks."""
 
-    def __init__(self, port: int, timeout: float = SOCKET_TIMEOUT):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = SOCKET_TIMEOUT, *, host: str = "127.0.0.1",
+                 source: str | None = None):
+        """`source`: the local address to connect from (any of 127.0.0.0/8 works on Linux)."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.file = self.sock.makefile("rb")
 
     def send(self, data: bytes) -> None:
@@ -191,15 +194,15 @@ class RawClient:
 
 
 def get(port: int, path: str = "/", headers: dict | None = None, method: str = "GET",
-        body: bytes | None = None) -> Response:
-    """One request on a fresh connection with Connection: close."""
+        body: bytes | None = None, *, host: str = "127.0.0.1", source: str | None = None) -> Response:
+    """One request on a fresh connection with Connection: close (to `host`, from `source`)."""
     lines = [f"{method} {path} HTTP/1.1", "Host: test.local", "Connection: close"]
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
     if body is not None:
         lines.append(f"Content-Length: {len(body)}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-    with RawClient(port) as client:
+    with RawClient(port, host=host, source=source) as client:
         return client.request(data, method)
 
 
@@ -537,7 +540,8 @@ def balancer():
     def make(urls, **options) -> "lb.LoadBalancer":
         options.setdefault("health_interval", 0)
         options.setdefault("drain_timeout", 2)
-        config = lb.Config(host="127.0.0.1", port=0, backends=tuple(urls), **options)
+        options.setdefault("host", "127.0.0.1")
+        config = lb.Config(port=0, backends=tuple(urls), **options)
         b = lb.LoadBalancer(config)
         b.start()
         made.append(b)

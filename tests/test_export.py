@@ -104,6 +104,16 @@ def config_cases(tmp: Path) -> dict:
         "trusted proxies, TLS listener": lb.Config(
             backends=(UP1, UP2), trusted_proxies="10.0.0.0/8, 192.0.2.7,2001:db8::/32", access_log=True,
             tls_cert=str(cert), tls_key=str(cert) + ".key"),
+        "allow and deny, IPv4, IPv6 and mapped, admin allow": lb.Config(
+            backends=(UP1, UP2), allow=("10.0.0.0/8,2001:db8::/32", "::ffff:192.168.0.0/112"),
+            deny=("10.1.0.0/16", "2001:db8::1"), admin_port=18081, admin_allow=("127.0.0.1", "::1")),
+        "deny only, rate per second with a burst": lb.Config(
+            backends=(UP1,), deny=("192.0.2.0/24",), rate_limit="10/s,burst=20"),
+        "rate per minute, no burst, exempt ranges, many allowed ranges": lb.Config(
+            backends=(UP1,), rate_limit="30/m", rate_limit_exempt=("127.0.0.0/8,::1",),
+            allow=tuple(f"10.{n}.0.0/16" for n in range(100))),
+        "fast rate with a burst, allow only": lb.Config(
+            backends=(UP1,), rate_limit="1000/s,burst=3", allow=("127.0.0.1",)),
     }
 
 
