@@ -3695,9 +3695,11 @@ class ConnectionPool:
     def close_idle(self) -> None:
         while self._idle:
             try:
-                self._idle.pop().close()
+                conn = self._idle.pop()
             except IndexError:
                 break
+            self.count()  # before the close: whoever sees the close finds the gauge already down
+            conn.close()
         self.count()
 
     def close(self) -> None:
