@@ -2249,23 +2249,33 @@ class SharedState:
 
     # -- the backend set (owner writes, workers read) -------------------------------------------
 
+    # -- the owner's areas: bytes it publishes for every process, each with its length ----------
+
+    def _write_area(self, area, length: int, data: bytes, what: str) -> None:
+        """Put `data` in `area` (its size in the header at `length`). Called with the lock held."""
+        if len(data) > len(area):
+            raise ValueError(f"{what} take(s) more than {len(area)} bytes")
+        area[:len(data)] = data
+        self.header[length] = len(data)
+
+    def _read_area(self, area, length: int) -> bytes:
+        """What _write_area put there last (b"": nothing yet). Called with the lock held."""
+        return bytes(area[:self.header[length]])
+
     def publish(self, entries: list) -> None:
         """Make [(slot, backend text, address or None)] the backend set every process routes over
         (the address a host name resolved to: see Control.resolve)."""
         data = json.dumps(entries).encode()
-        if len(data) > CONFIG_BYTES:
-            raise ValueError(f"the backend list takes more than {CONFIG_BYTES} bytes")
         in_use = {entry[0] for entry in entries}
         with self.lock:
-            self.config_area[:len(data)] = data
-            self.header[H_CONFIG_LENGTH] = len(data)
+            self._write_area(self.config_area, H_CONFIG_LENGTH, data, "the backend list")
             for slot in range(1, MAX_UPSTREAMS + 1):
                 self.states[slot * STATE_INTS + S_IN_USE] = slot in in_use
             self.header[H_GENERATION] += 1
 
     def backend_set(self) -> list:
         with self.lock:
-            return json.loads(bytes(self.config_area[:self.header[H_CONFIG_LENGTH]]) or b"[]")
+            return json.loads(self._read_area(self.config_area, H_CONFIG_LENGTH) or b"[]")
 
     def worker_died(self, index: int) -> None:
         """A worker's process is gone (who calls: supervise, before it starts the next one): what
@@ -2283,30 +2293,26 @@ class SharedState:
     def publish_tls(self, pem: bytes) -> None:
         """Make `pem` (certificate chain and key, as the owner checked it) what every worker's
         next connection uses."""
-        if len(pem) > TLS_BYTES:
-            raise ValueError(f"the certificate chain and key take more than {TLS_BYTES} bytes")
         with self.lock:
-            self.tls_area[:len(pem)] = pem
-            self.header[H_TLS_LENGTH] = len(pem)
+            self._write_area(self.tls_area, H_TLS_LENGTH, pem, "the certificate chain and key")
             self.header[H_TLS_GENERATION] += 1
 
     def tls_pem(self) -> tuple[int, bytes]:
         """(generation, the last published chain and key); b"" before the first reload."""
         with self.lock:
-            return self.header[H_TLS_GENERATION], bytes(self.tls_area[:self.header[H_TLS_LENGTH]])
+            return self.header[H_TLS_GENERATION], self._read_area(self.tls_area, H_TLS_LENGTH)
 
     def publish_sticky_key(self, key: bytes) -> None:
         """The sticky cookie's HMAC key, decided once by the owner (see sticky_cookie_key), for
         every worker: a random one must be the same in all of them."""
         with self.lock:
-            self.sticky_key_area[:len(key)] = key[:STICKY_KEY_BYTES]
-            self.header[H_STICKY_KEY_LENGTH] = len(key)
+            self._write_area(self.sticky_key_area, H_STICKY_KEY_LENGTH, key[:STICKY_KEY_BYTES], "the sticky key")
             self.header[H_GENERATION] += 1
 
     def sticky_key(self) -> bytes:
         """b"" until the owner has published one."""
         with self.lock:
-            return bytes(self.sticky_key_area[:self.header[H_STICKY_KEY_LENGTH]])
+            return self._read_area(self.sticky_key_area, H_STICKY_KEY_LENGTH)
 
     # -- requests in flight at each upstream, exact across workers --------------------------------
     # Each worker counts what it sends in its own row (no other process writes it, so a worker
@@ -2363,17 +2369,14 @@ class SharedState:
         against (ValueError when they take more than LISTS_BYTES)."""
         data = json.dumps({name: [str(network) for network in networks]
                            for name, networks in lists._asdict().items()}).encode()
-        if len(data) > LISTS_BYTES:
-            raise ValueError(f"the address lists take more than {LISTS_BYTES} bytes")
         with self.lock:
-            self.lists_area[:len(data)] = data
-            self.header[H_LISTS_LENGTH] = len(data)
+            self._write_area(self.lists_area, H_LISTS_LENGTH, data, "the address lists")
             self.header[H_LISTS_GENERATION] += 1
 
     def access_lists(self) -> tuple[int, AccessLists | None]:
         """(generation, the last published lists); None before the first publish."""
         with self.lock:
-            generation, data = self.header[H_LISTS_GENERATION], bytes(self.lists_area[:self.header[H_LISTS_LENGTH]])
+            generation, data = self.header[H_LISTS_GENERATION], self._read_area(self.lists_area, H_LISTS_LENGTH)
         if not data:
             return generation, None
         return generation, AccessLists(**{name: tuple(ipaddress.ip_network(text) for text in texts)
