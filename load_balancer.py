@@ -363,9 +363,26 @@ def parse_rate_limit(text: str) -> tuple[int, int]:
     return max(1, round((1_000_000 if unit == "s" else 60_000_000) / count)), burst
 
 
+def read_rate_limit(value: str) -> str:
+    """--rate-limit's value: the rate itself, or (starting with "/" or ".") a file whose first line
+    that is not a # comment holds it, read again on SIGHUP. ValueError: one line, naming the file."""
+    if not names_a_file(value):
+        parse_rate_limit(value)
+        return value
+    lines = settings_file_lines(value)
+    if len(lines) != 1:
+        raise ValueError(f"{value} must hold one rate (such as 10/s,burst=20), found {len(lines)} lines")
+    number, text = lines[0]
+    try:
+        parse_rate_limit(text)
+    except ValueError as error:
+        raise ValueError(f"{value} line {number}: {error}") from None
+    return text
+
+
 def rate_limit_syntax(value) -> str | None:
     try:
-        parse_rate_limit(value)
+        read_rate_limit(value)
     except ValueError as error:
         return str(error)
     return None
@@ -492,8 +509,9 @@ class Config:
                                  metavar="CIDR", reload=True)
     rate_limit: str | None = setting(None, "requests per client address, RATE as N/s or N/m, shared "
                                      "by every worker; 429 with Retry-After above it; burst=N lets N "
-                                     "through at once", group="protection", check=rate_limit_syntax,
-                                     metavar="RATE[,burst=N]")
+                                     "through at once; a value starting with / or . is a file that "
+                                     "holds it", group="protection", check=rate_limit_syntax,
+                                     metavar="RATE[,burst=N]", reload=True)
     rate_limit_exempt: tuple = setting((), "CIDR[,CIDR...] or a file, repeatable: client addresses "
                                        "--rate-limit never limits (health checkers, internal callers)",
                                        group="protection", metavar="CIDR", reload=True)
@@ -533,8 +551,16 @@ class Config:
         "(nginx real_ip_recursive). From anyone else those fields are replaced",
         group="forwarding", check=network_list, metavar="CIDRS")
 
-    # Derived in __post_init__, not a setting: the parsed --backend list.
-    backend_specs: tuple = field(default=(), init=False, repr=False, compare=False)
+    # Derived in __post_init__, not settings: what the request path reads, worked out once.
+    backend_specs: tuple = field(default=(), init=False, repr=False, compare=False)   # parsed --backend
+    request_id_key: bytes = field(default=b"", init=False, repr=False, compare=False)  # lowercase; b"": off
+    request_id_prefix: bytes = field(default=b"", init=False, repr=False, compare=False)  # b"Name: "
+    request_fields: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    response_fields: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    proxy_protocol_networks: tuple = field(default=(), init=False, repr=False, compare=False)
+    trusted_networks: tuple = field(default=(), init=False, repr=False, compare=False)
+    access_lists: tuple = field(default=(), init=False, repr=False, compare=False)  # an AccessLists
+    rate_limit_spec: str | None = field(default=None, init=False, repr=False, compare=False)  # the rate, read
 
     @classmethod
     def settings(cls) -> list:
@@ -572,6 +598,7 @@ class Config:
         object.__setattr__(self, "trusted_networks",
                            parse_networks(self.trusted_proxies) if self.trusted_proxies else ())
         object.__setattr__(self, "access_lists", read_access_lists(self))
+        object.__setattr__(self, "rate_limit_spec", read_rate_limit(self.rate_limit) if self.rate_limit else None)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.redirect_http_port is not None and self.tls_cert is None:
@@ -2078,8 +2105,8 @@ NOT_AGAINST_THE_UPSTREAM = frozenset({"idle"})
 # The header: generations that tell every process to look again. H_PICKS: picks counted by
 # SharedState.acquire, by every worker.
 (H_GENERATION, H_TLS_GENERATION, H_CONFIG_LENGTH, H_TLS_LENGTH, H_STICKY_KEY_LENGTH, H_PICKS,
- H_LISTS_GENERATION, H_LISTS_LENGTH) = range(8)
-HEADER_INTS = 8
+ H_LISTS_GENERATION, H_LISTS_LENGTH, H_RATE_INTERVAL, H_RATE_BURST) = range(10)
+HEADER_INTS = 12
 CONFIG_BYTES = 64 * 1024
 TLS_BYTES = 64 * 1024  # the certificate chain and key a reload checked, for every worker to load
 STICKY_KEY_BYTES = 32  # the key of the sticky cookie's HMAC, the owner's, for every worker
@@ -2364,14 +2391,22 @@ class SharedState:
             counts = tuple(map(operator.add, counts, slots(row)))
         return counts
 
-    def publish_lists(self, lists: AccessLists) -> None:
-        """Make `lists` (as the owner read them) what every worker's next request is checked
-        against (ValueError when they take more than LISTS_BYTES)."""
+    def publish_lists(self, lists: AccessLists, rate: str | None = None) -> None:
+        """Make `lists` (as the owner read them) and the --rate-limit `rate` what every worker's
+        next request is checked against (ValueError when they take more than LISTS_BYTES)."""
         data = json.dumps({name: [str(network) for network in networks]
                            for name, networks in lists._asdict().items()}).encode()
+        interval, burst = parse_rate_limit(rate) if rate else (0, 0)
         with self.lock:
             self._write_area(self.lists_area, H_LISTS_LENGTH, data, "the address lists")
+            self.header[H_RATE_INTERVAL], self.header[H_RATE_BURST] = interval, burst
             self.header[H_LISTS_GENERATION] += 1
+
+    def rate_limit(self) -> tuple[int, int]:
+        """(microseconds between two requests, burst) as the owner last published them; (0, 0)
+        for none."""
+        with self.lock:
+            return self.header[H_RATE_INTERVAL], self.header[H_RATE_BURST]
 
     def access_lists(self) -> tuple[int, AccessLists | None]:
         """(generation, the last published lists); None before the first publish."""
@@ -2413,9 +2448,11 @@ class SharedState:
             else:
                 row = self._rate_new_row(high, low, bucket)
                 base = row * RATE_ROW_INTS
-            due = rows[base + R_TAT]
-            if due < now_us:
-                due = now_us
+            # Never more than a full bucket's worth ahead of now at this rate: a rate a reload raised
+            # applies at once to an address the old one had held back.
+            due = max(rows[base + R_TAT], now_us)
+            if due > now_us + tolerance_us + interval_us:
+                due = rows[base + R_TAT] = now_us + tolerance_us + interval_us
             slack = now_us + tolerance_us - due
             if slack < 0:
                 return 0, -slack
@@ -3964,7 +4001,7 @@ class Guard:
 
     def __init__(self, config: Config, shared: SharedState, stats: WorkerStats):
         self.shared, self.stats = shared, stats
-        self.interval, burst = parse_rate_limit(config.rate_limit) if config.rate_limit else (0, 1)
+        self.interval, burst = parse_rate_limit(config.rate_limit_spec) if config.rate_limit else (0, 1)
         self.tolerance = (burst - 1) * self.interval
         self.share = 4 * shared.worker_count if shared.worker_count > 1 else 0
         self.ahead: dict = {}                 # rate key -> [tokens taken ahead, until (us)]
@@ -3972,7 +4009,7 @@ class Guard:
         self.generation, lists = shared.access_lists()
         self.current = (lists or config.access_lists, {})  # (lists, verdicts): replaced as one
         self.denials = RateLimitedLog("requests answered 403: client address not allowed (--allow, --deny)")
-        self.limited = RateLimitedLog(f"requests answered 429: over --rate-limit {config.rate_limit}")
+        self.limited = RateLimitedLog(f"requests answered 429: over --rate-limit {config.rate_limit_spec}")
 
     @staticmethod
     def needed(config: Config) -> bool:
@@ -3984,6 +4021,13 @@ class Guard:
             self.generation, lists = self.shared.access_lists()
             if lists is not None:
                 self.current = (lists, {})
+            interval, burst = self.shared.rate_limit()
+            tolerance = (burst - 1) * interval
+            if interval and self.interval and (interval, tolerance) != (self.interval, self.tolerance):
+                # A rate read again from its file (a reload changes one, adds none).
+                self.interval, self.tolerance = interval, tolerance
+                self.limited = RateLimitedLog(f"requests answered 429: over --rate-limit (one request "
+                                              f"every {interval / 1e6:g}s, burst {burst}, since a reload)")
 
     def refuses(self, handler: ProxyHandler, request: Request) -> bool:
         """Answer `request` 403 (not allowed) or 429 (over the rate) and say True; or False: it
@@ -6247,7 +6291,8 @@ class Control:
             shared.publish_sticky_key(sticky_cookie_key(config))
         self.apply(config)
         self.lists = config.access_lists    # as the last reload read them; every worker has them
-        shared.publish_lists(self.lists)
+        self.rate_spec = config.rate_limit_spec  # the same for --rate-limit
+        shared.publish_lists(self.lists, self.rate_spec)
         self.admin = self.redirect = None
         if config.admin_port is not None:
             self.admin = listen(config.admin_host, config.admin_port,
@@ -6393,17 +6438,21 @@ class Control:
                 log.info("SIGHUP: certificate %s loaded for new connections", config.tls_cert)
 
     def reload_lists(self, config: Config) -> None:
-        """SIGHUP, for the address lists given as files: read them again and publish them to every
-        worker; a file that does not read or parse changes nothing."""
-        if not any(names_a_file(value) for name in AccessLists._fields for value in getattr(config, name)):
+        """SIGHUP, for the address lists and the rate limit given as files: read them again and
+        publish them to every worker; a file that does not read or parse changes nothing."""
+        values = [value for name in AccessLists._fields for value in getattr(config, name)]
+        if not any(names_a_file(value) for value in values + [config.rate_limit or ""]):
             return
         try:
             lists = read_access_lists(config)
+            rate = read_rate_limit(config.rate_limit) if config.rate_limit else None
         except ValueError as error:
-            log.error("SIGHUP: %s; the previous address lists stay", error)
+            log.error("SIGHUP: %s; the previous address lists stay, and the rate limit", error)
             return
-        self.shared.publish_lists(lists)
-        self.lists = lists
+        self.shared.publish_lists(lists, rate)
+        if rate != self.rate_spec:
+            log.info("SIGHUP: --rate-limit %s (was %s)", rate, self.rate_spec)
+        self.lists, self.rate_spec = lists, rate
         log.info("SIGHUP: address lists read again: %s", ", ".join(
             f"--{name.replace('_', '-')} {len(networks)} range(s)"
             for name, networks in lists._asdict().items() if getattr(config, name)))
@@ -6573,7 +6622,7 @@ class Control:
         }
         if self.config.rate_limit:
             addresses, evictions = self.shared.rate_table_usage()
-            status["rate_limit"] = {"rate": self.config.rate_limit, "addresses": addresses,
+            status["rate_limit"] = {"rate": self.rate_spec, "addresses": addresses,
                                     "table_size": RATE_TABLE_SIZE, "evictions": evictions}
         if history:
             status["history"] = self.history_series()
@@ -8075,8 +8124,8 @@ NGINX_RATE_ZONE_MB = max(1, math.ceil(RATE_TABLE_SIZE / 16000))
 def _nginx_rate_zone(config: Config) -> list[str]:
     """--rate-limit's shared zone (http context), keyed on the client address; an exempt address
     has an empty key, which limit_req does not count."""
-    count, unit = config.rate_limit.split(",")[0].replace(" ", "").split("/")
-    lines = [f"# --rate-limit {config.rate_limit}: one bucket per client address in a zone shared by "
+    count, unit = config.rate_limit_spec.split(",")[0].replace(" ", "").split("/")
+    lines = [f"# --rate-limit {config.rate_limit_spec}: one bucket per client address in a zone shared by "
              "every worker,",
              f"# {NGINX_RATE_ZONE_MB}m: about {RATE_TABLE_SIZE} addresses, as load_balancer's table, the "
              "least recently seen evicted."]
@@ -8113,7 +8162,7 @@ def _nginx_protection(config: Config) -> list[str]:
     lists = config.access_lists
     lines = _nginx_access_rules("--allow, --deny", lists.allow, lists.deny)
     if config.rate_limit:
-        _, burst = parse_rate_limit(config.rate_limit)
+        _, burst = parse_rate_limit(config.rate_limit_spec)
         extra = f" burst={burst - 1} nodelay" if burst > 1 else ""
         lines += [
             f"# --rate-limit {config.rate_limit}: 429 above it, for every request of the address. nginx's "
@@ -8516,7 +8565,7 @@ def _haproxy_protection(config: Config) -> list[str]:
                                             "!lb_allowed" if lists.allow else "")))
         lines.append(f"    http-request deny deny_status 403 if {refused}")
     if config.rate_limit:
-        interval_us, burst = parse_rate_limit(config.rate_limit)
+        interval_us, burst = parse_rate_limit(config.rate_limit_spec)
         window = burst * interval_us / 1e6
         lines += [
             f"    # --rate-limit {config.rate_limit}: load_balancer's token bucket lets {burst} request(s) "

@@ -7,6 +7,7 @@ socket bound to 127.0.0.2 reaches a balancer on 127.0.0.1 from another address."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -315,6 +316,27 @@ def test_lists_in_a_file_change_on_reload(upstreams, balancer, tmp_path, caplog)
     assert "the previous address lists stay" in caplog.text
     assert get(b.port, source="127.0.0.3").status == 200
     assert_denied(get(b.port, source="127.0.0.4"))
+
+
+def test_a_rate_in_a_file_changes_on_reload(upstreams, balancer, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="load_balancer")
+    up, = upstreams(1)
+    rate = tmp_path / "rate.txt"
+    rate.write_text("# per client address\n1/m,burst=2\n")
+    b = balancer([up.url], rate_limit=str(rate), admin_port=0)
+    assert [get(b.port).status for _ in range(3)] == [200, 200, 429]
+    rate.write_text("6000/m,burst=5\n")
+    b.reload()
+    assert "SIGHUP: --rate-limit 6000/m,burst=5 (was 1/m,burst=2)" in caplog.text
+    # The address the old rate held back for a minute passes at once under the new one.
+    assert wait_until(lambda: get(b.port).status == 200), "the reloaded rate did not apply"
+    assert b.status()["rate_limit"]["rate"] == "6000/m,burst=5"
+    rate.write_text("fast please\n")
+    generation = b.shared.header[lb.H_LISTS_GENERATION]
+    b.reload()  # refused: the rate read before stays
+    assert b.shared.header[lb.H_LISTS_GENERATION] == generation
+    assert "the previous address lists stay, and the rate limit" in caplog.text
+    assert b.status()["rate_limit"]["rate"] == "6000/m,burst=5"
 
 
 def test_the_admin_listener_refuses_addresses_outside_its_list(upstreams, balancer):
