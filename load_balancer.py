@@ -16,18 +16,24 @@ What happens to a request, in order:
   between requests (HTTP/1.1, HTTP/1.0 keep-alive).
 * The request head is read against a deadline and checked strictly (RFC 9112): anything that two
   HTTP implementations could frame differently is refused with a 4xx before a byte of it reaches
-  an upstream.
+  an upstream. The client's address is the connection's, or what a PROXY protocol header or a
+  trusted proxy's ``X-Forwarded-For`` says (``identify``); ``--allow``/``--deny`` and
+  ``--rate-limit`` judge it (``Guard``), and the request gets its ``X-Request-ID``.
 * ``RoundRobin`` picks the next upstream (one ``itertools.count`` over a precomputed smooth
   weighted cycle, O(1), no lock), skipping the ones that health checks, failed requests or an
   operator took out of rotation; backups only when no primary can answer. ``--balance leastconn``
   (the fewest in flight, counted across workers), ``--balance hash`` (a consistent-hash ring) and
   ``--sticky-cookie`` read the request: a ``Route`` per request does that.
-* The request goes out on a pooled keep-alive ``http.client`` connection, its body streamed in
-  bounded pieces while the upstream is watched for an early answer; hop-by-hop headers are removed
-  and ``X-Forwarded-*`` added. The response comes back the same way, bytes passed on as they
-  arrive; after a ``101`` the connection becomes a tunnel (WebSocket).
-* When no upstream can answer, the client gets 502, 503 or 504 with a one-line reason. A request
-  is tried on the next upstream only while that is safe (see ``ProxyHandler.may_retry``).
+  An upstream at its ``maxconn`` makes a request wait in the balancer's queue (``RequestQueue``).
+* ``Transport.round_trip`` sends it on a pooled keep-alive connection (TCP, TLS or a Unix socket,
+  with a PROXY header where the backend asks for one), its body streamed in bounded pieces while
+  the upstream is watched for an early answer; hop-by-hop headers are removed and
+  ``X-Forwarded-*`` set. The response comes back the same way, bytes passed on as they arrive;
+  after a ``101`` the connection becomes a tunnel (WebSocket).
+* Every failure with an upstream is one ``UpstreamError`` whose kind ``classify`` named. When no
+  upstream can answer, the client gets 502, 503 or 504 with a one-line reason, from the one
+  function that builds every answer of the balancer's own (``error_response``). A request is
+  tried on the next upstream only while that is safe (see ``ProxyHandler.may_retry``).
 
 With ``--workers N`` a supervisor owns what there is one of (health checks, the admin listener,
 reloads) and N worker processes serve; they share one block of memory for the backend set, the
