@@ -1,8 +1,9 @@
 # load_balancer.py: demo, tests and benchmark.
 #   make demo     three example upstreams (8001-8003) + the balancer on 8080, admin on 8081;
 #                 Ctrl-C stops everything. Ports: DEMO_LB_PORT, DEMO_ADMIN_PORT, DEMO_UPSTREAM_PORTS.
-#   make test     test suite in a local virtualenv (.venv, from requirements-dev.txt), on two
-#                 processes; PYTEST_ARGS="..." replaces -n 2 (e.g. PYTEST_ARGS="-n 0 tests/test_proxy.py")
+#   make test     test suite in a local virtualenv (.venv, from requirements-dev.txt); extra
+#                 pytest arguments in PYTEST_ARGS, e.g. PYTEST_ARGS="-n 2" (two processes, pytest-xdist:
+#                 about half the time; not the default until ten runs in a row pass that way)
 #   make bench    benchmark (GET, 8 MiB, idle, admin, WebSocket, HTTPS series; python3 bench/bench.py
 #                 --help); extra arguments in BENCH_ARGS="...", e.g. BENCH_ARGS="--baseline OLD_LB.py"
 #   make clean    remove the virtualenv and caches
@@ -12,7 +13,7 @@ VENV ?= .venv
 VENV_PYTHON := $(VENV)/bin/python
 # Written after a successful install; newer requirements-dev.txt => reinstall.
 VENV_STAMP := $(VENV)/.requirements-dev.installed
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .PHONY: all demo test bench clean
