@@ -9,6 +9,7 @@ started it.
 from __future__ import annotations
 
 import compileall
+import contextlib
 import glob
 import http.client
 import json
@@ -39,6 +40,12 @@ import load_balancer as lb  # noqa: E402
 compileall.compile_file(str(ROOT / "load_balancer.py"), quiet=1)
 
 SOCKET_TIMEOUT = 10.0
+# The `websockets` package's clients and servers in tests: bounded waits, no pings or compression
+# to blur what is measured, and messages up to 8 MiB (it refuses over 1 MiB unless told otherwise).
+WEBSOCKET_MAX_MESSAGE = 8 << 20
+WEBSOCKET_CLIENT = dict(open_timeout=5, close_timeout=2, ping_interval=None, max_size=WEBSOCKET_MAX_MESSAGE,
+                        compression=None)
+WEBSOCKET_SERVER = WEBSOCKET_CLIENT
 # How late a timeout may fire on 2 busy cores: an upper bound on a wait is the timeout plus this.
 # Lower bounds need none (a deadline cannot fire early).
 SLACK = 2.5
@@ -719,6 +726,41 @@ def browser():
         chromium.close()
 
 
+class ProxiedConnections:
+    """A raw upstream that reads each connection's PROXY header, then answers HTTP/1.1 requests
+    with the source it carried (an upstream behind send-proxy); records (header, requests) per connection and when each ended."""
+
+    def __init__(self):
+        self.connections: list = []
+
+    def __call__(self, conn, up):
+        record = {"header": None, "requests": 0, "ended": False}
+        self.connections.append(record)
+        data = b""
+        try:
+            while record["header"] is None:
+                more = up.recv(conn)
+                if not more:
+                    return
+                data += more
+                header, length = lb.parse_proxy_header(data)
+                if header is not None:
+                    record["header"], data = header, data[length:]
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = up.recv(conn)
+                    if not more:
+                        return
+                    data += more
+                data = data.partition(b"\r\n\r\n")[2]
+                record["requests"] += 1
+                source = record["header"].source
+                body = f"{source[0]} {source[1]}".encode() if source else b"local"
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        finally:
+            record["ended"] = True
+
+
 # ---------------------------------------------------------------------------------------------------
 # Peers: nginx and HAProxy run in the foreground on a file of a test's, and the upstreams they use
 # ---------------------------------------------------------------------------------------------------
@@ -877,6 +919,19 @@ def stop_peer(process: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@contextlib.contextmanager
+def running_peer(target: str, text: str, directory: Path, *ports: int, timeout: float = 5.0):
+    """start_peer, then wait until it accepts on every one of `ports` (its log in the failure);
+    stop_peer when the block ends, however it ends."""
+    peer = start_peer(target, text, directory)
+    try:
+        assert wait_until(lambda: all(accepts(port) for port in ports), timeout=timeout), (
+            directory / "peer.log").read_text()
+        yield peer
+    finally:
+        stop_peer(peer)
 
 
 def check_file(target: str, text: str, directory: Path) -> subprocess.CompletedProcess:

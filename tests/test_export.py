@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (PEERS, ROOT, PortServer, accepts, check_file, exchange, free_ports, lb,
-                      make_certificate, require_program, start_peer, stop_peer, wait_until)
+from conftest import (PEERS, ROOT, check_file, exchange, free_ports, lb, make_certificate, PortServer,
+                      require_program, running_peer, wait_until)
 
 export_config = lb.export_config
 
@@ -197,10 +197,7 @@ def test_peer_balances_weighted_round_robin_with_a_backup(target, tmp_path):
                       f"http://127.0.0.1:{c.port}", f"http://127.0.0.1:{backup.port},backup"),
             host="127.0.0.1", port=port, admin_port=admin_port, workers=1,
             health_path="/health", health_interval=0.2, health_timeout=0.5, rise=1, fall=1)
-        peer = start_peer(target, export_config(config, target), tmp_path / target)
-        try:
-            assert wait_until(lambda: accepts(port) and accepts(admin_port)), (
-                tmp_path / target / "peer.log").read_text()
+        with running_peer(target, export_config(config, target), tmp_path / target, port, admin_port):
             answers = [get(port, f"/r{i}", {"X-Forwarded-For": "203.0.113.7"}) for i in range(50)]
             assert {status for status, _ in answers} == {200}, answers
             counts = collections.Counter(int(body) for _, body in answers)
@@ -229,8 +226,6 @@ def test_peer_balances_weighted_round_robin_with_a_backup(target, tmp_path):
             assert wait_until(lambda: get(port) == (200, str(backup.port).encode())), (
                 tmp_path / target / "peer.log").read_text()
             assert [get(port) for _ in range(10)] == [(200, str(backup.port).encode())] * 10
-        finally:
-            stop_peer(peer)
     finally:
         for upstream in upstreams:
             upstream.stop()
@@ -252,10 +247,7 @@ def test_peer_serves_https_to_verified_https_upstreams(target, tmp_path):
         config = lb.Config(backends=(f"https://localhost:{upstream.port}",), backend_ca=str(cert),
                            host="127.0.0.1", port=port, tls_cert=str(cert), tls_key=str(cert) + ".key",
                            redirect_http_port=redirect_port, workers=1, health_interval=0)
-        peer = start_peer(target, export_config(config, target), tmp_path / target)
-        try:
-            assert wait_until(lambda: accepts(port) and accepts(redirect_port)), (
-                tmp_path / target / "peer.log").read_text()
+        with running_peer(target, export_config(config, target), tmp_path / target, port, redirect_port):
             assert get(port, "/tls", tls=client_tls) == (200, str(upstream.port).encode()), (
                 tmp_path / target / "peer.log").read_text()
             _, headers = upstream.proxied()[-1]
@@ -263,8 +255,6 @@ def test_peer_serves_https_to_verified_https_upstreams(target, tmp_path):
             status, head, _ = exchange(redirect_port, "/a/b?c=d")
             assert status == 308
             assert re.search(rb"(?im)^location: https://test\.local:%d/a/b\?c=d\r?$" % port, head), head
-        finally:
-            stop_peer(peer)
     finally:
         upstream.stop()
 

@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from conftest import (SOCKET_TIMEOUT, accepts, free_ports, lb, require_program, start_peer, stop_peer,
-                      wait_until)
+from conftest import (SOCKET_TIMEOUT, free_ports, lb, require_program, running_peer)
 
 EVENTS = 5
 MOST_DELAY = 0.05  # seconds; HAProxy's MSG_MORE wait is 200 ms
@@ -88,11 +87,7 @@ def test_each_event_arrives_without_delay(target, raw_upstream, balancer, tmp_pa
     else:
         port, = free_ports(1)
         config = lb.Config(backends=(up.url,), host="127.0.0.1", port=port, workers=1, health_interval=0)
-        peer = start_peer(target, lb.export_config(config, target), tmp_path / target)
-        try:
-            assert wait_until(lambda: accepts(port), timeout=10), (tmp_path / target / "peer.log").read_text()
+        with running_peer(target, lb.export_config(config, target), tmp_path / target, port, timeout=10):
             delays = event_delays(port, source)
-        finally:
-            stop_peer(peer)
     print(f"\n{target}: event delays (ms) {[round(d * 1000, 2) for d in delays]}")
     assert statistics.median(delays) < MOST_DELAY, [round(d * 1000, 1) for d in delays]

@@ -14,8 +14,8 @@ import socket
 
 import pytest
 
-from conftest import (PEERS, accepts, exchange, free_ports, lb, PortServer, require_program, start_peer,
-                      stop_peer, wait_until)
+from conftest import (PEERS, exchange, free_ports, lb, PortServer, ProxiedConnections, RawClient,
+                      require_program, running_peer, wait_until)
 
 export_config = lb.export_config
 
@@ -35,9 +35,7 @@ def test_peer_request_ids_as_load_balancer(target, tmp_path):
         port, = free_ports(1)
         config = lb.Config(backends=(f"http://127.0.0.1:{upstream.port}",), host="127.0.0.1", port=port,
                            health_interval=0)
-        peer = start_peer(target, export_config(config, target), tmp_path / target)
-        try:
-            assert wait_until(lambda: accepts(port)), (tmp_path / target / "peer.log").read_text()
+        with running_peer(target, export_config(config, target), tmp_path / target, port):
             cases = [(None, None), ("trace-7", b"trace-7"), ("x" * 200, b"x" * 200), ("x" * 201, None),
                      ("a b", None)]
             for given, kept in cases:
@@ -52,8 +50,6 @@ def test_peer_request_ids_as_load_balancer(target, tmp_path):
                     assert echoed == [kept]
                 else:
                     assert HEX32.fullmatch(echoed[0]), (given, echoed)
-        finally:
-            stop_peer(peer)
     finally:
         upstream.stop()
 
@@ -76,9 +72,7 @@ def test_peer_trusted_proxies_as_load_balancer(target, trusted, tmp_path):
                            health_interval=0, access_log=True,
                            trusted_proxies="127.0.0.1/32" if trusted else None)
         directory = tmp_path / target
-        peer = start_peer(target, export_config(config, target), directory)
-        try:
-            assert wait_until(lambda: accepts(port)), (directory / "peer.log").read_text()
+        with running_peer(target, export_config(config, target), directory, port):
             status, head, _ = exchange(port, "/forged", FORGED)
             assert status == 200, head
             _, headers = upstream.proxied()[-1]
@@ -93,8 +87,6 @@ def test_peer_trusted_proxies_as_load_balancer(target, trusted, tmp_path):
             assert wait_until(lambda: log.exists() and any(
                 line.startswith(f'{client} "GET /forged ') for line in log.read_text().splitlines())), (
                 log.read_text() if log.exists() else "no log")
-        finally:
-            stop_peer(peer)
     finally:
         upstream.stop()
 
@@ -109,9 +101,7 @@ def test_peer_proxy_protocol_in_as_load_balancer(target, tmp_path):
         config = lb.Config(backends=(f"http://127.0.0.1:{upstream.port}",), host="127.0.0.1", port=port,
                            health_interval=0, proxy_protocol_from="127.0.0.1")
         directory = tmp_path / target
-        peer = start_peer(target, export_config(config, target), directory)
-        try:
-            assert wait_until(lambda: accepts(port)), (directory / "peer.log").read_text()
+        with running_peer(target, export_config(config, target), directory, port):
             v2 = (lb.PROXY_V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes([203, 0, 113, 9, 192, 0, 2, 1])
                   + b"\x9c\x40\x1f\x90")
             for header, client in ((b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 80\r\n", "203.0.113.7"),
@@ -124,26 +114,19 @@ def test_peer_proxy_protocol_in_as_load_balancer(target, tmp_path):
                 assert answer.startswith(b"HTTP/1.1 200 "), answer
                 _, headers = upstream.proxied()[-1]
                 assert headers.get_all("X-Forwarded-For") == [client], headers
-        finally:
-            stop_peer(peer)
     finally:
         upstream.stop()
 
 
 def test_haproxy_send_proxy_as_load_balancer(tmp_path, raw_upstream):
     """send-proxy-v2 on a backend: HAProxy on the exported file sends the client's address too."""
-    from test_proxy_protocol import ProxiedConnections, client_from
     require_program("haproxy")
     recorder = ProxiedConnections()
     up = raw_upstream(recorder)
     port, = free_ports(1)
     config = lb.Config(backends=(f"{up.url},send-proxy-v2",), host="127.0.0.1", port=port, health_interval=0)
-    peer = start_peer("haproxy", export_config(config, "haproxy"), tmp_path / "haproxy")
-    try:
-        assert wait_until(lambda: accepts(port)), (tmp_path / "haproxy" / "peer.log").read_text()
-        with client_from(port, "127.0.0.2") as client:
+    with running_peer("haproxy", export_config(config, "haproxy"), tmp_path / "haproxy", port):
+        with RawClient(port, 5, source="127.0.0.2") as client:
             answer = client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             assert (answer.status, answer.body) == (200, f"127.0.0.2 {client.sock.getsockname()[1]}".encode())
-    finally:
-        stop_peer(peer)
     assert recorder.connections[0]["header"].version == 2

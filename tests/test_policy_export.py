@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_ports, lb, require_program, wait_until
-from test_export import PEERS, PortServer, accepts, check_file, exchange, make_certificate, start_peer, stop_peer
+from conftest import (PEERS, check_file, exchange, free_ports, lb, make_certificate, PortServer,
+                      require_program, running_peer, wait_until)
 
 UP1, UP2, UP3 = (f"http://127.0.0.1:{port}" for port in (18001, 18002, 18003))
 HASH_KEYS = ("client-ip", "uri", "header:X-User", "cookie:sid", "cookie:a-b.c", "header:X.Y")
@@ -113,13 +113,9 @@ def run_peer(target: str, config_of, tmp_path: Path, check) -> None:
     ups = [PortServer() for _ in range(3)]
     try:
         port, = free_ports(1)
-        peer = start_peer(target, lb.export_config(config_of([u.port for u in ups], port), target),
-                          tmp_path / target)
-        try:
-            assert wait_until(lambda: accepts(port)), (tmp_path / target / "peer.log").read_text()
+        text = lb.export_config(config_of([u.port for u in ups], port), target)
+        with running_peer(target, text, tmp_path / target, port):
             check(port, ups)
-        finally:
-            stop_peer(peer)
     finally:
         for u in ups:
             u.stop()

@@ -23,8 +23,8 @@ import time
 import pytest
 
 import load_balancer as lb
-from conftest import (NGINX_PREAMBLE, accepts, free_ports, make_certificate, RawClient, read_head, require_program,
-                      start_peer, stop_peer, wait_until)
+from conftest import (NGINX_PREAMBLE, free_ports, make_certificate, ProxiedConnections, RawClient, read_head,
+                      require_program, running_peer, wait_until)
 
 SIG = lb.PROXY_V2_SIGNATURE
 V1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n"
@@ -298,13 +298,9 @@ frontend front
 backend balancer
     server lb 127.0.0.1:{b.port} {send}
 """
-    peer = start_peer("haproxy", config, tmp_path / "haproxy")
-    try:
-        assert wait_until(lambda: accepts(port)), (tmp_path / "haproxy" / "peer.log").read_text()
+    with running_peer("haproxy", config, tmp_path / "haproxy", port):
         # The client connects from 127.0.0.2: HAProxy's peer is 127.0.0.2, the balancer's is HAProxy.
         answer = exchange(port, GET.replace(b"/pp", b"/via-haproxy"), source="127.0.0.2")
-    finally:
-        stop_peer(peer)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert up.requests[-1].header("X-Forwarded-For") == "127.0.0.2"
     assert wait_until(lambda: access_lines(logged))
@@ -343,57 +339,12 @@ def test_send_proxy_options():
         lb.parse_backend("http://127.0.0.1:1,send-proxy,send-proxy-v2")
 
 
-class ProxiedConnections:
-    """A raw upstream that reads each connection's PROXY header, then answers HTTP/1.1 requests
-    with the source it carried; records (header, requests) per connection and when each ended."""
-
-    def __init__(self):
-        self.connections: list = []
-
-    def __call__(self, conn, up):
-        record = {"header": None, "requests": 0, "ended": False}
-        self.connections.append(record)
-        data = b""
-        try:
-            while record["header"] is None:
-                more = up.recv(conn)
-                if not more:
-                    return
-                data += more
-                header, length = lb.parse_proxy_header(data)
-                if header is not None:
-                    record["header"], data = header, data[length:]
-            while True:
-                while b"\r\n\r\n" not in data:
-                    more = up.recv(conn)
-                    if not more:
-                        return
-                    data += more
-                data = data.partition(b"\r\n\r\n")[2]
-                record["requests"] += 1
-                source = record["header"].source
-                body = f"{source[0]} {source[1]}".encode() if source else b"local"
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        finally:
-            record["ended"] = True
-
-
-def client_from(port: int, source: str) -> RawClient:
-    client = RawClient.__new__(RawClient)
-    client.sock = socket.socket()
-    client.sock.settimeout(5)
-    client.sock.bind((source, 0))
-    client.sock.connect(("127.0.0.1", port))
-    client.file = client.sock.makefile("rb")
-    return client
-
-
 @pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
 def test_connections_are_private_to_their_client(raw_upstream, balancer, option):
     recorder = ProxiedConnections()
     up = raw_upstream(recorder)
     b = balancer([f"{up.url},{option}"])
-    one, two = client_from(b.port, "127.0.0.2"), client_from(b.port, "127.0.0.3")
+    one, two = RawClient(b.port, 5, source="127.0.0.2"), RawClient(b.port, 5, source="127.0.0.3")
     try:
         request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
         answers = [client.request(request).body for client in (one, two, one, two)]
@@ -458,15 +409,11 @@ frontend upstream
 def test_peer_as_the_upstream_receives_the_client_address(balancer, tmp_path, target, option):
     require_program(target)
     port, = free_ports(1)
-    peer = start_peer(target, UPSTREAM_PEERS[target].format(port=port), tmp_path / target)
-    try:
-        assert wait_until(lambda: accepts(port)), (tmp_path / target / "peer.log").read_text()
+    with running_peer(target, UPSTREAM_PEERS[target].format(port=port), tmp_path / target, port):
         b = balancer([f"http://127.0.0.1:{port},{option}"], health_interval=0.1, health_path="/", rise=1)
-        with client_from(b.port, "127.0.0.2") as client:
+        with RawClient(b.port, 5, source="127.0.0.2") as client:
             answer = client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             assert (answer.status, answer.body) == (200, f"127.0.0.2 {client.sock.getsockname()[1]}".encode())
         # The peer refuses a connection without the header: a passing check sent one (LOCAL/UNKNOWN).
         assert wait_until(lambda: b.status()["backends"][0]["checks"]["passed"] >= 2), b.status()
         assert b.status()["backends"][0]["checks"]["failed"] == 0
-    finally:
-        stop_peer(peer)

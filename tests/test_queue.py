@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import (PEERS, SLACK, SOCKET_TIMEOUT, RawClient, admin_status, check_file, default_handler, get, lb,
-                      require_program, wait_until)
+from conftest import (PEERS, SLACK, SOCKET_TIMEOUT, RawClient, admin_status, check_file, default_handler, get,
+                      lb, require_program, wait_until)
 
 REQUEST = b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
 

@@ -18,7 +18,7 @@ import logging
 import pytest
 
 import load_balancer as lb
-from conftest import (NGINX_PREAMBLE, accepts, free_ports, get, RawClient, require_program, start_peer, stop_peer, wait_until)
+from conftest import (NGINX_PREAMBLE, free_ports, get, RawClient, require_program, running_peer, wait_until)
 
 N = ipaddress.ip_network
 
@@ -194,13 +194,9 @@ def test_nginx_in_front_as_the_trusted_proxy(upstreams, balancer, caplog, tmp_pa
     }}
 }}
 """
-    peer = start_peer("nginx", conf, tmp_path / "nginx")
-    try:
-        assert wait_until(lambda: accepts(port)), (tmp_path / "nginx" / "peer.log").read_text()
+    with running_peer("nginx", conf, tmp_path / "nginx", port):
         r = get(port, "/via-nginx", headers={"X-Forwarded-For": "203.0.113.5"})
         assert r.status == 200, r
-    finally:
-        stop_peer(peer)
     # nginx appended its client (this test, 127.0.0.1); the balancer appended nginx (127.0.0.1).
     assert up.requests[0].header("X-Forwarded-For") == "203.0.113.5, 127.0.0.1, 127.0.0.1"
     assert wait_until(lambda: access_lines(caplog))

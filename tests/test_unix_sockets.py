@@ -24,11 +24,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 import load_balancer as lb
-from conftest import (PEERS, AnswerHandler, accepts, ChildProcess, free_ports, get, RawClient, require_program, start_peer,
-                      stop_peer, wait_until)
+from conftest import (PEERS, WEBSOCKET_CLIENT, AnswerHandler, ChildProcess, free_ports, get, RawClient,
+                      require_program, running_peer, wait_until)
 
 export_config = lb.export_config
-from test_websocket import CLIENT
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -211,7 +210,7 @@ def test_uvicorn_on_a_unix_socket_with_a_websocket(balancer, socket_dir):
         assert (answer.status, answer.body) == (200, b"uvicorn test.local")
 
         async def scenario():
-            async with connect(f"ws://127.0.0.1:{b.port}/ws", **CLIENT) as ws:
+            async with connect(f"ws://127.0.0.1:{b.port}/ws", **WEBSOCKET_CLIENT) as ws:
                 for text in ("one", "two"):
                     await ws.send(text)
                     assert await ws.recv() == "echo " + text
@@ -245,14 +244,10 @@ def test_peer_balances_over_unix_sockets(target, unix_server, tmp_path):
     port, = free_ports(1)
     config = lb.Config(backends=(f"unix:{one.server_address},name=one", f"unix:{two.server_address},name=two"),
                        host="127.0.0.1", port=port, health_interval=0.2)
-    peer = start_peer(target, export_config(config, target), tmp_path / target)
-    try:
-        assert wait_until(lambda: accepts(port)), (tmp_path / target / "peer.log").read_text()
+    with running_peer(target, export_config(config, target), tmp_path / target, port):
         bodies = {get(port, "/").body.split(b" ")[0] for _ in range(4)}
         assert bodies == {b"test.local"}
         assert len(one.connection_numbers) >= 1 and len(two.connection_numbers) >= 1
-    finally:
-        stop_peer(peer)
 
 
 def test_admin_api_names_it_by_its_path_percent_encoded(balancer, unix_server):

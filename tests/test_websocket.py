@@ -51,15 +51,12 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosedError
 
-from conftest import (ChildProcess, RawClient, free_port, get, parse_head, read_head, refused_url,
-                      require_program, wait_until)
+from conftest import (WEBSOCKET_CLIENT, WEBSOCKET_SERVER, ChildProcess, RawClient,
+                      free_port, get, parse_head, read_head, refused_url, require_program, wait_until)
 
 TIMEOUT = 10.0                  # the whole asyncio part of one test
-MAX_MESSAGE = 8 << 20           # websockets refuses messages over 1 MiB unless told otherwise
 # No compression: the frames on the wire are then as large as the messages (64 KiB + 1 really
 # crosses the tunnel's 64 KiB read buffer); no keepalive pings: an idle connection really idles.
-CLIENT = dict(open_timeout=5, close_timeout=2, ping_interval=None, max_size=MAX_MESSAGE, compression=None)
-SERVER = dict(open_timeout=5, close_timeout=2, ping_interval=None, max_size=MAX_MESSAGE, compression=None)
 
 # RFC 6455 section 1.2/1.3's handshake, and section 5.7's frames: a masked "Hello" from a client,
 # an unmasked "Hello" from a server.
@@ -112,7 +109,7 @@ async def echo_server():
             await ws.wait_closed()
             closes.put_nowait((ws.close_code, ws.close_reason))
 
-    async with serve(handler, "127.0.0.1", 0, backlog=512, process_request=plain, **SERVER) as server:
+    async with serve(handler, "127.0.0.1", 0, backlog=512, process_request=plain, **WEBSOCKET_SERVER) as server:
         port = server.sockets[0].getsockname()[1]
         yield SimpleNamespace(port=port, url=f"http://127.0.0.1:{port}", closes=closes)
 
@@ -166,7 +163,7 @@ def test_text_and_binary_messages_of_1B_64KiB_plus_1_and_4MiB_are_echoed_intact(
     async def scenario():
         async with echo_server() as up:
             b = balancer([up.url])
-            async with connect(ws_url(b.port), **CLIENT) as ws:
+            async with connect(ws_url(b.port), **WEBSOCKET_CLIENT) as ws:
                 for size in sizes:
                     text, data = text_of(size), os.urandom(size)
                     await ws.send(text)
@@ -188,7 +185,7 @@ def test_pings_get_pongs_through_the_tunnel_both_ways(balancer):
     async def scenario():
         async with echo_server() as up:
             b = balancer([up.url])
-            async with connect(ws_url(b.port, "/ping-client"), **CLIENT) as ws:
+            async with connect(ws_url(b.port, "/ping-client"), **WEBSOCKET_CLIENT) as ws:
                 # The server's ping was answered by this client's pong, through the tunnel.
                 assert await ws.recv() == "pong came back"
                 # This client's ping is answered by the server's pong, with the same payload.
@@ -204,7 +201,7 @@ def test_client_close_code_4001_reaches_the_server(balancer):
     async def scenario():
         async with echo_server() as up:
             b = balancer([up.url])
-            async with connect(ws_url(b.port), **CLIENT) as ws:
+            async with connect(ws_url(b.port), **WEBSOCKET_CLIENT) as ws:
                 await ws.send("hi")
                 assert await ws.recv() == "hi"
                 await ws.close(4001, "bye")
@@ -218,7 +215,7 @@ def test_server_close_code_4002_reaches_the_client(balancer):
     async def scenario():
         async with echo_server() as up:
             b = balancer([up.url])
-            async with connect(ws_url(b.port, "/close4002"), **CLIENT) as ws:
+            async with connect(ws_url(b.port, "/close4002"), **WEBSOCKET_CLIENT) as ws:
                 # websockets reports codes other than 1000 and 1001 as ConnectionClosedError.
                 with pytest.raises(ConnectionClosedError) as closed:
                     await ws.recv()
@@ -243,7 +240,7 @@ def test_100_concurrent_websockets_through_the_cli_with_2_workers(cli):
         opened, all_open, release = [], asyncio.Event(), asyncio.Event()
 
         async def client(port: int, messages: list) -> list:
-            async with connect(ws_url(port), **CLIENT) as ws:
+            async with connect(ws_url(port), **WEBSOCKET_CLIENT) as ws:
                 got = []
                 for message in messages:
                     await ws.send(message)
@@ -326,13 +323,13 @@ def test_upstream_killed_mid_tunnel_ends_the_client_promptly_and_leaks_nothing(b
         async def scenario():
             # A first tunnel that ends normally: its connection thread is then a spare one, and
             # the counts taken after it are what a tunnel leaves behind when all goes well.
-            async with connect(ws_url(b.port), **CLIENT) as ws:
+            async with connect(ws_url(b.port), **WEBSOCKET_CLIENT) as ws:
                 await ws.send("first")
                 assert await ws.recv() == "first"
             assert wait_until(lambda: tunnels_closed(b) and b.server.spare_threads == 1)
             threads = unlisted_threads(), python_threads() - {r.native_id for r in server.readers}
 
-            async with connect(ws_url(b.port), **CLIENT) as ws:
+            async with connect(ws_url(b.port), **WEBSOCKET_CLIENT) as ws:
                 await ws.send("second")
                 assert await ws.recv() == "second"
                 killed = time.monotonic()
@@ -357,7 +354,7 @@ def test_upstream_killed_mid_tunnel_ends_the_client_promptly_and_leaks_nothing(b
 
 def test_idle_tunnel_closed_after_tunnel_timeout_while_a_busy_one_stays_open(balancer):
     async def idle(port: int) -> float:
-        async with connect(ws_url(port), **CLIENT) as ws:
+        async with connect(ws_url(port), **WEBSOCKET_CLIENT) as ws:
             opened = time.monotonic()
             with pytest.raises(ConnectionClosedError) as closed:
                 await ws.recv()
@@ -365,7 +362,7 @@ def test_idle_tunnel_closed_after_tunnel_timeout_while_a_busy_one_stays_open(bal
             return time.monotonic() - opened
 
     async def busy(port: int) -> float:
-        async with connect(ws_url(port), **CLIENT) as ws:
+        async with connect(ws_url(port), **WEBSOCKET_CLIENT) as ws:
             opened = time.monotonic()
             i = 0
             while time.monotonic() - opened < 1.6:
@@ -389,7 +386,7 @@ def test_close_cuts_an_open_tunnel_when_the_drain_timeout_passes(balancer):
     async def scenario():
         async with echo_server() as up:
             b = balancer([up.url], drain_timeout=0.5)
-            async with connect(ws_url(b.port), **CLIENT) as ws:
+            async with connect(ws_url(b.port), **WEBSOCKET_CLIENT) as ws:
                 await ws.send("before")
                 assert await ws.recv() == "before"
                 started = time.monotonic()
@@ -422,7 +419,7 @@ def test_six_websockets_go_round_robin_over_three_upstreams(balancer):
             b = balancer([u.url for u in ups])
             served = []
             for _ in range(6):
-                async with connect(ws_url(b.port), **CLIENT) as ws:
+                async with connect(ws_url(b.port), **WEBSOCKET_CLIENT) as ws:
                     await ws.send("whoami")
                     served.append(int(await ws.recv()))
             assert served == [u.port for u in ups] * 2
@@ -434,7 +431,7 @@ def test_connect_failure_goes_on_to_the_next_upstream(balancer):
     async def scenario():
         async with echo_server() as up:
             b = balancer([refused_url(), up.url])
-            async with connect(ws_url(b.port), **CLIENT) as ws:
+            async with connect(ws_url(b.port), **WEBSOCKET_CLIENT) as ws:
                 await ws.send("made it")
                 assert await ws.recv() == "made it"
             return b
@@ -539,7 +536,7 @@ def test_uvicorn_asgi_websocket_echoes_through_the_balancer(balancer, uvicorn_ap
     b = balancer([uvicorn_app.url])
 
     async def scenario():
-        async with connect(ws_url(b.port, "/ws"), **CLIENT) as ws:
+        async with connect(ws_url(b.port, "/ws"), **WEBSOCKET_CLIENT) as ws:
             data = os.urandom(100_000)
             await ws.send("hello uvicorn")
             assert await ws.recv() == "hello uvicorn"
