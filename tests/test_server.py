@@ -79,8 +79,10 @@ def test_spare_threads_leave_after_idle_time(upstreams, balancer, monkeypatch):
     for _ in range(100):  # hand-over and time-out race on many of these
         serve_one_connection(b.port)
     assert len(up.requests) == 100
-    assert wait_until(lambda: b.server.spare_threads == 0 and b.server.connections == 0)
-    assert b.server.handoff.empty()
+    server = b.server
+    assert wait_until(lambda: server.spare_threads == 0 and server.connections == 0), (
+        server.spare_threads, server.connections, [h.client_address for h in server.handlers])
+    assert server.handoff.empty()
 
 
 def test_close_releases_spare_threads(upstreams, balancer):
