@@ -319,11 +319,14 @@ class UpstreamServer(ThreadingHTTPServer):
 class Upstream:
     """A real HTTP/1.1 server on 127.0.0.1 (ephemeral port) served from a thread."""
 
+    server_class = UpstreamServer
+
     def __init__(self, handler: Handler = default_handler, port: int = 0):
         self.handler = handler
         self.requests: list[RecordedRequest] = []
         self._cond = threading.Condition()
         self.server = None
+        self.holder: socket.socket | None = None
         self.port = port
         self.start()
 
@@ -332,18 +335,30 @@ class Upstream:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        server = UpstreamServer(("127.0.0.1", self.port), UpstreamHandler)
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
+        server = self.server_class(("127.0.0.1", self.port), UpstreamHandler)
         server.upstream = self
         self.server, self.port = server, server.server_port
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
 
-    def stop(self) -> None:
-        """Stop listening (connections to the port are then refused)."""
+    def stop(self, hold: bool = True) -> None:
+        """Stop listening (connections to the port are then refused). The port stays held until
+        start() or release (see hold_port)."""
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+            if hold:
+                self.holder = hold_port(self.port)
+
+    def release(self) -> None:
+        self.stop(hold=False)
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
 
     def record(self, req: RecordedRequest) -> None:
         with self._cond:
@@ -464,9 +479,34 @@ def refuses(port: int) -> bool:
     return False
 
 
+def hold_port(port: int) -> socket.socket | None:
+    """A socket bound to `port` that never listens: connects there are refused, and no process
+    binding port 0 is given the port meanwhile (Linux passes over ports in use). Without it, under
+    `pytest -n 2` the other process's next listener could open on a port that a balancer here
+    still sends to as a dead upstream."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its connections' TIME_WAIT
+    try:
+        holder.bind(("127.0.0.1", port))
+    except OSError:
+        holder.close()
+        return None
+    return holder
+
+
+_refused_ports: list[socket.socket] = []  # held for the whole run
+
+
+def pytest_sessionfinish(session) -> None:
+    for holder in _refused_ports:
+        holder.close()
+
+
 def refused_url() -> str:
-    """A URL on 127.0.0.1 where nothing listens (connect is refused)."""
-    return f"http://127.0.0.1:{free_port()}"
+    """A URL on 127.0.0.1 where connects are refused for the whole run (see hold_port)."""
+    holder = hold_port(0)
+    _refused_ports.append(holder)
+    return f"http://127.0.0.1:{holder.getsockname()[1]}"
 
 
 def require_program(*names: str) -> str:
@@ -520,7 +560,7 @@ def upstreams():
 
     yield make
     for u in made:
-        u.stop()
+        u.release()
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ from pathlib import Path
 import pytest
 
 import load_balancer as lb
-from conftest import (SLACK, SOCKET_TIMEOUT, RawClient, Upstream, UpstreamHandler, UpstreamServer,
+from conftest import (SLACK, SOCKET_TIMEOUT, RawClient, Upstream, UpstreamServer,
                       default_handler, free_port, get, parse_head, port_of, read_head, require_program,
                       wait_until)
 from conftest import request as plain_request
@@ -237,6 +237,8 @@ class TLSUpstream(Upstream):
     """A conftest Upstream speaking TLS with `leaf`; counts completed and failed handshakes, and
     the connections it has closed."""
 
+    server_class = TLSUpstreamServer
+
     def __init__(self, leaf: Leaf, handler=default_handler):
         self.context = server_context(leaf)
         self.handshakes = self.closes = 0
@@ -246,13 +248,6 @@ class TLSUpstream(Upstream):
     @property
     def url(self) -> str:
         return f"https://localhost:{self.port}"
-
-    def start(self) -> None:
-        server = TLSUpstreamServer(("127.0.0.1", self.port), UpstreamHandler)
-        server.upstream = self
-        self.server, self.port = server, server.server_port
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
 
     def handshake(self, error) -> None:
         with self._cond:
@@ -280,7 +275,7 @@ def tls_upstreams():
 
     yield make
     for u in made:
-        u.stop()
+        u.release()
 
 
 def tls_balancer(balancer, certs: Certs, urls, **options):
