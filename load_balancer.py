@@ -6549,8 +6549,8 @@ class Control:
     def sample(self) -> None:
         """Once a second: the counters for the last minute's percentiles and the dashboard's
         history, and a log line when an ejection ends by itself."""
+        now = time.time()  # before the counters are read: a sample holds all that was counted by then
         _, per_slot, _ = self.counters()
-        now = time.time()
         samples = {slot: (sum(record[U_CODES:U_HISTOGRAM]), sum(record[U_ERRORS:U_ERRORS + len(ERROR_KINDS)]),
                           record[U_HISTOGRAM:U_LATENCY_SUM]) for slot, record in per_slot.items()}
         # The whole balancer too (requests_total, failed_total): its own 503s are traffic as well.

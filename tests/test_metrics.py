@@ -703,8 +703,10 @@ def test_status_history_series(upstreams, balancer):
     b = balancer([u.url for u in ups], admin_port=free_port())
     for i in range(4):
         assert get(b.port, f"/h{i}").status == 200
-    # The sampler takes one sample at start and then one a second: wait for a second one.
-    assert wait_until(lambda: len(status(b.admin_port, "?history=1")["history"]["t"]) >= 2, timeout=5)
+    answered = time.time()
+    # The sampler takes one sample at start and then one a second (on the second: one may fall
+    # between two of the requests): wait for one taken after the last of them.
+    assert wait_until(lambda: status(b.admin_port, "?history=1")["history"]["t"][-1] >= answered, timeout=5)
     st = status(b.admin_port, "?history=1")
     check_status(st, 2)
     h = st["history"]
