@@ -1,9 +1,9 @@
 # load_balancer.py: demo, tests and benchmark.
 #   make demo     three example upstreams (8001-8003) + the balancer on 8080, admin on 8081;
 #                 Ctrl-C stops everything. Ports: DEMO_LB_PORT, DEMO_ADMIN_PORT, DEMO_UPSTREAM_PORTS.
-#   make test     test suite in a local virtualenv (.venv, from requirements-dev.txt); extra
-#                 pytest arguments in PYTEST_ARGS, e.g. PYTEST_ARGS="-n 2" (two processes, pytest-xdist:
-#                 about half the time; not the default until ten runs in a row pass that way)
+#   make test     test suite in a local virtualenv (.venv, from requirements-dev.txt), in
+#                 TEST_PROCESSES processes (pytest-xdist; 2 by default, 0 for one process); extra
+#                 pytest arguments in PYTEST_ARGS, e.g. PYTEST_ARGS="tests/test_proxy.py -x"
 #   make bench    benchmark (GET, 8 MiB, idle, admin, WebSocket, HTTPS series; python3 bench/bench.py
 #                 --help); extra arguments in BENCH_ARGS="...", e.g. BENCH_ARGS="--baseline OLD_LB.py"
 #   make clean    remove the virtualenv and caches
@@ -13,6 +13,7 @@ VENV ?= .venv
 VENV_PYTHON := $(VENV)/bin/python
 # Written after a successful install; newer requirements-dev.txt => reinstall.
 VENV_STAMP := $(VENV)/.requirements-dev.installed
+TEST_PROCESSES ?= 2
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -24,7 +25,7 @@ demo:
 	$(PYTHON) examples/demo.py
 
 test: $(VENV_STAMP)
-	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+	$(VENV_PYTHON) -m pytest -n $(TEST_PROCESSES) $(PYTEST_ARGS)
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
